@@ -1,0 +1,35 @@
+# depthlab: `make test` and `make demo` work on a fresh clone with only Python present.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.depthlab-installed
+DEMO_RECIPE ?= recipes/demo_digits.yaml
+DEMO_OUTPUT ?= runs/demo_digits
+
+.PHONY: install test demo lint clean
+
+install: $(STAMP)
+
+# Re-installs only when the package metadata changes; a second `make` reuses .venv.
+$(STAMP): setup.cfg pyproject.toml
+	@if [ ! -x "$(PY)" ]; then echo ">> creating virtual environment $(VENV)"; $(PYTHON) -m venv $(VENV); \
+	else echo ">> reusing virtual environment $(VENV)"; fi
+	@echo ">> installing depthlab (editable) with its test extras"
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	@echo ">> running the test suite"
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	@echo ">> training the embedded default ($(DEMO_RECIPE)) with accelerate"
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		trainer/train.py --recipe $(DEMO_RECIPE) --output $(DEMO_OUTPUT) --resume auto
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
