@@ -182,6 +182,12 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def _is_choice(hint: Any) -> bool:
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return any(_is_choice(arg) for arg in typing.get_args(hint))
+    return typing.get_origin(hint) is Literal
+
+
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     """Return (ok, value converted to the hinted type)."""
     origin = typing.get_origin(hint)
@@ -257,7 +263,8 @@ def _build_section(name: str, cls: type, data: Any, provenance: Mapping) -> Any:
             raise RecipeError(f"{source}: unknown key '{key}' in section '{name}'{_did_you_mean(key, fields)}")
         ok, converted = _coerce(value, hints[key])
         if not ok:
-            raise RecipeError(f"{source}: {path} = {value!r} has the wrong type: expected {_describe(hints[key])}")
+            problem = "is not a valid choice" if _is_choice(hints[key]) else "has the wrong type"
+            raise RecipeError(f"{source}: {path} = {value!r} {problem}: expected {_describe(hints[key])}")
         _check_range(converted, fields[key].metadata, f"{source}: {path}")
         kwargs[key] = converted
     return cls(**kwargs)
