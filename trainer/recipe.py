@@ -136,14 +136,14 @@ def _section_types() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
 
 
-def _did_you_mean(key: str, candidates: Iterable[str]) -> str:
+def did_you_mean(key: str, candidates: Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def _unknown_top_level(key: str) -> str:
     sections = _section_types()
-    hint = _did_you_mean(key, sections)
+    hint = did_you_mean(key, sections)
     if not hint:
         owners = [s for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
         if owners:
@@ -159,7 +159,7 @@ def _check_key_path(keys: list[str], source: str) -> None:
         return
     names = [f.name for f in dataclasses.fields(sections[keys[0]])]
     if keys[1] not in names:
-        raise RecipeError(f"{source}: unknown key '{keys[1]}' in section '{keys[0]}'{_did_you_mean(keys[1], names)}")
+        raise RecipeError(f"{source}: unknown key '{keys[1]}' in section '{keys[0]}'{did_you_mean(keys[1], names)}")
     if len(keys) > 2 and keys[1] != "kwargs":
         raise RecipeError(f"{source}: '{keys[0]}.{keys[1]}' is not a section")
 
@@ -260,7 +260,7 @@ def _build_section(name: str, cls: type, data: Any, provenance: Mapping) -> Any:
         path = f"{name}.{key}"
         source = provenance.get(path, provenance.get(name, "recipe"))
         if key not in fields:
-            raise RecipeError(f"{source}: unknown key '{key}' in section '{name}'{_did_you_mean(key, fields)}")
+            raise RecipeError(f"{source}: unknown key '{key}' in section '{name}'{did_you_mean(key, fields)}")
         ok, converted = _coerce(value, hints[key])
         if not ok:
             problem = "is not a valid choice" if _is_choice(hints[key]) else "has the wrong type"
