@@ -162,6 +162,7 @@ class CheckpointConfig:
     every_steps: int | None = knob(None, min=1, help="save every N optimizer steps")
     keep_last: int = knob(2, min=1, help="periodic checkpoints kept (last and best are kept besides)")
     save_best: bool = knob(True, help="keep the checkpoint with the best evaluation top-1")
+    best_on: Literal["ema", "raw"] = knob("ema", help="which model's top-1 picks `best` (raw when there is no EMA)")
 
 
 @dataclass

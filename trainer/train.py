@@ -4,19 +4,30 @@
         [--output DIR] [--resume auto|PATH]
     python trainer/train.py --recipe recipes/demo_digits.yaml          # one process
     python trainer/train.py --recipe recipes/vit_b.yaml --print-recipe # resolved recipe, no training
+
+Exit codes: 0 finished or preempted (a checkpoint was saved; the message says how to resume),
+1 stopped on a non-finite loss, 2 bad input (recipe, path, data, run dir).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python trainer/train.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.cli import add_recipe_arguments, exit_on_user_error, load_recipe_from_args
+from trainer.checkpoint import CheckpointError
+from trainer.cli import add_recipe_arguments, exit_on_user_error, load_recipe_from_args, register_user_error
+from trainer.data import DataError
 from trainer.recipe import dump_recipe
+
+register_user_error(DataError, CheckpointError)
+
+NONFINITE_EXIT_CODE = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +39,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resume_command(args: argparse.Namespace, run_dir: Path, num_processes: int, num_machines: int) -> str:
+    """The exact command that continues this run."""
+    launched = "LOCAL_RANK" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)
+    if launched or num_processes > 1:
+        launcher = ["accelerate", "launch", "--num_processes", str(num_processes)]
+        if num_machines > 1:
+            launcher += ["--num_machines", str(num_machines), "--machine_rank", "<rank>",
+                         "--main_process_ip", "<ip>"]
+    else:
+        launcher = ["python"]
+    command = [*launcher, "trainer/train.py", "--recipe", args.recipe]
+    if args.overrides:
+        command += ["--set", *args.overrides]
+    return shlex.join([*command, "--output", str(run_dir), "--resume", "auto"]).replace("'<", "<").replace(">'", ">")
+
+
+def report(result, args: argparse.Namespace, accelerator_state) -> None:
+    run_dir = result.run_dir
+    if result.status == "preempted":
+        print(f"stopped by {result.stop_signal} at step {result.state.step} (epoch {result.state.epoch}); "
+              f"checkpoint saved: {result.last_checkpoint}\nresume with:\n  "
+              f"{resume_command(args, run_dir, accelerator_state.num_processes, _num_machines())}")
+    else:
+        raw = next((e for e in reversed(result.state.evals)), None)
+        if raw is not None:
+            ema = f"  top1_ema {raw['top1_ema']:.2f}" if "top1_ema" in raw else ""
+            print(f"{result.status} at step {result.state.step}: top1 {raw['top1']:.2f}{ema}")
+    tb = run_dir / "tb"
+    print(f"run dir: {run_dir}\nTensorBoard logs: {tb}\n  tensorboard --logdir {shlex.quote(str(tb))}")
+
+
+def _num_machines() -> int:
+    return int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NUM_MACHINES", "1")))
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -35,7 +81,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_recipe:
         print(dump_recipe(recipe, header=f"resolved from {args.recipe}"), end="")
         return
-    raise SystemExit("training loop not implemented yet")  # filled in by the trainer issue
+    from accelerate import PartialState
+
+    from trainer.loop import NonFiniteLossError, train
+    from trainer.run_dir import default_run_dir
+
+    run_dir = default_run_dir(recipe, args.recipe, args.output)
+    try:
+        result = train(recipe, run_dir, resume=args.resume)
+    except NonFiniteLossError as e:
+        if PartialState().is_main_process:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE)
+    state = PartialState()
+    if state.is_main_process:
+        report(result, args, state)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,303 @@
+"""Information Scrambling Index (science.md §2): ISI(ℓ) = R²_all(ℓ) − R²_self(ℓ).
+
+How much better the pre-position-embedding patch embeddings E (stage `embed`, targets) are
+linearly reconstructed from *all* patch tokens at stage ℓ than from each token alone.
+
+- Self-only, per position i:        h_i → e_i           (D inputs)
+- All-to-all "nested" (default):    [h_i ; g(H)] → e_i  (D + r inputs), g(H) = the top-r principal
+  components of the whole flattened token set vec(H) ∈ R^{N·D}, fitted on the training images.
+  It contains the self-only inputs, so ISI ≈ 0 when nothing is scrambled.
+- All-to-all "literal" (option):    vec(H) → vec(E) in the dual (`diagnostics.isi_literal`).
+
+Regressions are ridge (scikit-learn `Ridge(fit_intercept=True)` semantics, `diagnostics.ridge`),
+α = c · tr(Cxx)/p with c from `ridge_grid`, chosen per stage and per regression type by pooled
+R² of a fit on the *fit* group scored on the *validation* group; then refit on fit + validation
+(the training images) and scored by held-out R² = 1 − ΣSSE/ΣSST pooled over positions and
+dimensions on the *test* group. Groups come from a seeded hash of each image's key
+(`diagnostics.image_split`): `holdout_fraction` of the images are test, `validation_fraction`
+of the rest validation, identically in every process.
+
+Streaming: only float64 sums are kept (per position Σhhᵀ, Σheᵀ, Σh, Σe, Σe², per group), summed
+over batches and processes. The PCA of vec(H) is a streaming randomized range finder
+(`diagnostics.streaming_pca`), so the nested variant takes `2 + pca_power_iterations` passes
+over the probe set per stage group: range sketch, power passes, then the regression sums.
+
+Memory. Per stage, during its regression pass, with G = 3 groups, p = N·D, k = r + oversampling
+(k ≤ p), float64 (`isi_stage_bytes`):
+    nested   8·G·(2·N·D² + 2·N·D·k + k² + 3·N·D + k + 2)  +  8·(p·k + p)   (sums + basis, mean)
+    literal  8·G·(2·N·D² + 3·N·D + 1)                       + host: 4·n·p per stage and for E
+and ×2 for the sums in multi-process runs (the all-reduce packs them into one buffer). A stage in
+its range or power pass holds at most 8·(2·p·k + p) (`isi_sketch_bytes`), and Ω (8·p·k) is held
+once. Not counted: the model and its activations, and per-batch temporaries (one N·D² float64
+product, 0.92 GB for ViT-B). ViT-B/16 (N = 196, D = 768, r = 256, k = 272): 7.86 GB per stage
+(the self-only sums alone 5.56 GB), 110 GB for all 14 stages at once. `memory_budget_bytes`
+therefore splits the stages into consecutive groups and pipelines them (group g+1 sketches while
+group g regresses): each stage is budgeted at its regression bytes plus one sketch for every
+range/power phase (9.17 GB for ViT-B), so 32 GB gives 3 stages per group, 5 groups, and
+G_s groups cost G_s + 1 + pca_power_iterations passes (7 here). The number of probe images
+does not enter (except for `literal`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diagnostics.capture import EMBED, Stage, patch_tokens, stage_names, unwrap_model
+from diagnostics.distributed import world_size
+from diagnostics.image_split import GROUP_NAMES, TEST, image_keys, split_groups
+from diagnostics.isi_literal import HeldFeatures, literal_all_r2
+from diagnostics.isi_regressions import stage_regression_scores
+from diagnostics.ridge import DEFAULT_RIDGE_GRID
+from diagnostics.streaming import ProbeBatch, StreamingMetric, ordered_stages
+from diagnostics.streaming_pca import centered_range_sketch, gaussian_test_matrix, orthonormal_basis
+
+ISI_VARIANTS = ("nested", "literal")
+_TARGETS = "targets"
+
+
+def isi_stage_bytes(num_patches: int, dim: int, *, variant: str = "nested", pca_rank: int = 256,
+                    pca_oversample: int = 16, processes: int = 1) -> int:
+    """Bytes one stage holds on the device during its regression pass (see the module docstring)."""
+    n, d, groups = num_patches, dim, len(GROUP_NAMES)
+    reduce_copy = 2 if processes > 1 else 1
+    if variant == "literal":
+        return 8 * groups * (2 * n * d * d + 3 * n * d + 1) * reduce_copy
+    k = min(pca_rank + pca_oversample, n * d)
+    sums = 8 * groups * (2 * n * d * d + 2 * n * d * k + k * k + 3 * n * d + k + 2)  # + count, sq_dev
+    return sums * reduce_copy + 8 * (n * d * k + n * d)
+
+
+def isi_sketch_bytes(num_patches: int, dim: int, *, pca_rank: int = 256, pca_oversample: int = 16) -> int:
+    """Most bytes one stage holds in a range or power pass: the p×k sketch, the previous basis, the mean."""
+    p = num_patches * dim
+    return 8 * (2 * p * min(pca_rank + pca_oversample, p) + p)
+
+
+def plan_stage_groups(stages: Sequence[str], stage_bytes: int, budget_bytes: int | None) -> list[list[str]]:
+    """Consecutive stage groups of at most budget // stage_bytes stages (all in one when no budget)."""
+    stages = list(stages)
+    if budget_bytes is None:
+        return [stages]
+    per_group = budget_bytes // stage_bytes
+    if per_group < 1:
+        raise ValueError(f"ISI memory budget {budget_bytes / 2**30:.2f} GiB is below one stage's "
+                         f"{stage_bytes / 2**30:.2f} GiB")
+    return [stages[i:i + per_group] for i in range(0, len(stages), per_group)]
+
+
+class ScramblingIndex(StreamingMetric):
+    """Streaming ISI per stage; results `{stage: {"isi", "r2_self", "r2_all", ...}}` (see `compute`).
+
+    Multi-pass: run it with `streaming.run_probe`, or call `start_pass(p)` before each sweep
+    p < `num_passes` and `all_reduce()` after it. The probe batches must be identical in every
+    pass (no random augmentation).
+    """
+
+    name = "isi"
+
+    def __init__(self, model: nn.Module, *, variant: str = "nested", pca_rank: int = 256,
+                 pca_oversample: int = 16, pca_power_iterations: int = 1, holdout_fraction: float = 0.2,
+                 validation_fraction: float = 0.2, seed: int = 0,
+                 ridge_grid: Sequence[float] = DEFAULT_RIDGE_GRID, stages: Sequence[str] | None = None,
+                 memory_budget_bytes: int | None = None, position_chunk: int = 8) -> None:
+        if variant not in ISI_VARIANTS:
+            raise ValueError(f"isi variant = {variant!r}: expected one of {', '.join(ISI_VARIANTS)}")
+        for label, value in (("pca_rank", pca_rank), ("position_chunk", position_chunk)):
+            if value < 1:
+                raise ValueError(f"isi {label} = {value} must be >= 1")
+        if pca_oversample < 0 or pca_power_iterations < 0:
+            raise ValueError("isi pca_oversample and pca_power_iterations must be >= 0")
+        if not ridge_grid or min(ridge_grid) <= 0:
+            raise ValueError(f"isi ridge_grid = {list(ridge_grid)} must be non-empty and positive")
+        split_groups(np.zeros(1, dtype=np.uint64), seed, holdout_fraction, validation_fraction)  # validates
+        model = unwrap_model(model)
+        self.num_patches, self.dim = int(model.patch_embed.num_patches), int(model.embed_dim)
+        known = stage_names(model)
+        chosen = known if stages is None else ordered_stages(stages)
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise ValueError(f"isi stages {unknown} are not stages of this model ({', '.join(known)})")
+        self.variant, self.seed, self.ridge_grid = variant, seed, tuple(float(c) for c in ridge_grid)
+        self.holdout_fraction, self.validation_fraction = holdout_fraction, validation_fraction
+        self.pca_rank, self.position_chunk = pca_rank, position_chunk
+        self.sketch_width = min(pca_rank + pca_oversample, self.num_patches * self.dim)
+        self.phases = ("regression",) if variant == "literal" else (
+            ("sketch",) + ("power",) * pca_power_iterations + ("regression",))
+        self.stage_bytes = isi_stage_bytes(self.num_patches, self.dim, variant=variant, pca_rank=pca_rank,
+                                           pca_oversample=pca_oversample, processes=world_size())
+        sketches = len(self.phases) - 1
+        sketch_bytes = isi_sketch_bytes(self.num_patches, self.dim, pca_rank=pca_rank,
+                                        pca_oversample=pca_oversample)
+        omega_bytes = 8 * self.num_patches * self.dim * self.sketch_width if sketches else 0
+        self.stage_groups = plan_stage_groups(
+            chosen, self.stage_bytes + sketches * sketch_bytes,
+            None if memory_budget_bytes is None else memory_budget_bytes - omega_bytes)
+        self._group_of = {stage: i for i, group in enumerate(self.stage_groups) for stage in group}
+        self.num_passes = len(self.stage_groups) + len(self.phases) - 1
+        super().__init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self._results: dict[str, dict[str, Any]] = {}
+        self._means: dict[str, torch.Tensor] = {}
+        self._bases: dict[str, torch.Tensor] = {}
+        self._omega: torch.Tensor | None = None
+        self._held = HeldFeatures()
+        self._pass: int | None = None
+        self._finished_passes = 0
+        self._batch: ProbeBatch | None = None
+
+    # ----- passes -------------------------------------------------------------------------
+    def _phase(self, stage: str, pass_index: int) -> str | None:
+        step = pass_index - self._group_of[stage]
+        return self.phases[step] if 0 <= step < len(self.phases) else None
+
+    def start_pass(self, index: int) -> None:
+        if index >= self.num_passes:
+            raise ValueError(f"ISI has {self.num_passes} passes; got start_pass({index})")
+        if index == 0 and self._finished_passes:
+            self.reset()  # a new run over the probe set (e.g. the next checkpoint)
+        while self._finished_passes < index:
+            self._finish_pass(self._finished_passes)
+        self._pass = index
+
+    def _finish_pass(self, index: int) -> None:
+        """Turn pass `index`'s reduced sums into bases or results, then drop them."""
+        for stage in self._group_of:
+            phase = self._phase(stage, index)
+            if phase in ("sketch", "power"):
+                self._derive_basis(stage, phase)
+            elif phase == "regression":
+                self._results[stage] = self._stage_result(stage)
+                self._means.pop(stage, None)
+                self._bases.pop(stage, None)
+        StreamingMetric.reset(self)  # drop this pass's sums; derived state lives in attributes
+        self._held = HeldFeatures()
+        self._finished_passes = index + 1
+
+    def all_reduce(self, device: torch.device | str | None = None) -> None:
+        super().all_reduce(device)
+        if self.variant == "literal":
+            self._held.gather()
+
+    def compute(self) -> dict[str, Any]:
+        """`{stage: {isi, r2_self, r2_all, ridge_multiplier_self, ridge_multiplier_all, pca_rank,
+        pca_explained_variance, num_train_images, num_test_images, variant}}` in stage order."""
+        if self._pass is None:
+            raise RuntimeError("ISI saw no probe batches")
+        if self._pass < self.num_passes - 1:
+            raise RuntimeError(f"ISI needs {self.num_passes} passes over the probe set and got "
+                               f"{self._pass + 1}; run it with diagnostics.streaming.run_probe")
+        if self._finished_passes < self.num_passes:
+            self._finish_pass(self.num_passes - 1)
+        return {stage: self._results[stage] for stage in ordered_stages(self._results)}
+
+    # ----- streaming ----------------------------------------------------------------------
+    def update(self, stage: Stage, batch: ProbeBatch) -> None:
+        if self._pass is None:
+            self.start_pass(0)
+        if stage.name == EMBED:
+            self._start_batch(stage, batch)
+        if stage.name not in self._group_of or self._phase(stage.name, self._pass) is None:
+            return
+        if batch is not self._batch:
+            raise RuntimeError("ISI got a stage of a batch whose `embed` stage it did not see")
+        tokens = patch_tokens(stage.tokens, stage.name, batch.num_prefix_tokens).to(torch.float64)
+        if tokens.shape[1:] != (self.num_patches, self.dim):
+            raise ValueError(f"ISI at stage {stage.name!r}: patch tokens {tuple(tokens.shape[1:])}, expected "
+                             f"({self.num_patches}, {self.dim}) (a different image size?)")
+        phase = self._phase(stage.name, self._pass)
+        if phase == "regression":
+            self._accumulate_regression(stage.name, tokens)
+        else:
+            self._accumulate_sketch(stage.name, tokens, phase)
+
+    def _start_batch(self, stage: Stage, batch: ProbeBatch) -> None:
+        codes = split_groups(image_keys(batch), self.seed, self.holdout_fraction, self.validation_fraction)
+        device = stage.tokens.device
+        self._batch, self._codes = batch, codes
+        self._targets = stage.tokens.to(torch.float64)
+        self._rows = {code: torch.from_numpy(np.flatnonzero(codes == code)).to(device)
+                      for code in range(len(GROUP_NAMES)) if (codes == code).any()}
+        train = np.flatnonzero(codes != TEST)
+        self._train_rows = torch.from_numpy(train).to(device) if train.size else None
+        regressing = any(self._phase(s, self._pass) == "regression" for s in self._group_of)
+        if self.variant == "literal" and regressing:
+            self._held.add(_TARGETS, codes, self._targets)
+
+    def _accumulate_sketch(self, stage: str, tokens: torch.Tensor, phase: str) -> None:
+        if self._train_rows is None:
+            return
+        x = tokens[self._train_rows].flatten(1)
+        if phase == "sketch":
+            self.accumulate(f"{stage}/sketch/count", float(x.shape[0]))
+            self.accumulate(f"{stage}/sketch/sum", x.sum(0))
+            self.accumulate(f"{stage}/sketch/range", x.T @ (x @ self._test_matrix(x.device)))
+        else:
+            x = x - self._means[stage]
+            self.accumulate(f"{stage}/power/range", x.T @ (x @ self._bases[stage]))
+
+    def _test_matrix(self, device: torch.device) -> torch.Tensor:
+        """The seeded Gaussian Ω (N·D, k), shared by every stage (and identical on every process)."""
+        if self._omega is None or self._omega.device != device:
+            self._omega = gaussian_test_matrix(self.num_patches * self.dim, self.sketch_width, self.seed,
+                                               device)
+        return self._omega
+
+    def _derive_basis(self, stage: str, phase: str) -> None:
+        sums = self.sums()
+        if f"{stage}/{phase}/range" not in sums:
+            raise ValueError(f"ISI at stage {stage!r}: no training images in the probe set")
+        if phase == "sketch":
+            count, total = sums[f"{stage}/sketch/count"], sums[f"{stage}/sketch/sum"]
+            self._means[stage] = total / count
+            sketch = centered_range_sketch(sums[f"{stage}/sketch/range"], total, count,
+                                           self._test_matrix(total.device))
+        else:
+            sketch = sums[f"{stage}/power/range"]
+        self._bases[stage] = orthonormal_basis(sketch)
+
+    def _accumulate_regression(self, stage: str, tokens: torch.Tensor) -> None:
+        nested = self.variant == "nested"
+        for code, rows in self._rows.items():
+            h, e = tokens[rows], self._targets[rows]
+            prefix = f"{stage}/{GROUP_NAMES[code]}/"
+            h_by_position, e_by_position = h.transpose(0, 1), e.transpose(0, 1)  # (N, b, D)
+            self.accumulate(prefix + "count", float(h.shape[0]))
+            self.accumulate(prefix + "sum_h", h.sum(0))
+            self.accumulate(prefix + "sum_e", e.sum(0))
+            self.accumulate(prefix + "sq_e", e.square().sum(0))
+            self.accumulate(prefix + "hh", h_by_position.transpose(1, 2) @ h_by_position)
+            self.accumulate(prefix + "he", h_by_position.transpose(1, 2) @ e_by_position)
+            if nested:
+                centered = h.flatten(1) - self._means[stage]
+                z = centered @ self._bases[stage]  # (b, k)
+                self.accumulate(prefix + "sum_z", z.sum(0))
+                self.accumulate(prefix + "zz", z.T @ z)
+                self.accumulate(prefix + "hz", h.permute(1, 2, 0) @ z)  # (N, D, k)
+                self.accumulate(prefix + "ze", z.T @ e_by_position)  # (N, k, D)
+                self.accumulate(prefix + "sq_dev", centered.square().sum())
+        if self.variant == "literal":
+            self._held.add(stage, self._codes, tokens)
+
+    # ----- results ------------------------------------------------------------------------
+    def _stage_result(self, stage: str) -> dict[str, Any]:
+        prefix = stage + "/"
+        sums = {key[len(prefix):]: value for key, value in self.sums().items() if key.startswith(prefix)}
+        scores = stage_regression_scores(sums, nested=self.variant == "nested", pca_rank=self.pca_rank,
+                                         grid=self.ridge_grid, position_chunk=self.position_chunk,
+                                         stage=stage)
+        if self.variant == "literal":
+            device = next(iter(sums.values())).device
+            r2_all, multiplier_all, _ = literal_all_r2(self._held, stage, _TARGETS, self.ridge_grid, device)
+            scores.update(r2_all=r2_all, ridge_multiplier_all=multiplier_all)
+        scores["isi"] = scores["r2_all"] - scores["r2_self"]
+        scores["variant"] = self.variant
+        return {key: scores[key] for key in (
+            "isi", "r2_self", "r2_all", "ridge_multiplier_self", "ridge_multiplier_all", "pca_rank",
+            "pca_explained_variance", "num_train_images", "num_test_images", "variant")}

@@ -1,0 +1,158 @@
+"""Ridge regression from streamed sufficient statistics, scored by pooled held-out R².
+
+A linear regression y ≈ Wᵀx + b over n samples (x ∈ R^p, y ∈ R^q) needs only the sums
+
+    n,  Σx,  Σy,  Σxxᵀ (p×p),  Σxyᵀ (p×q),  Σy² (per output)
+
+which add over batches, over disjoint groups of images and over processes, so samples are seen
+once and never stored. Every function here works on such sums in float64, batched over any
+leading dims (ISI keeps one regression per token position).
+
+Fitting is scikit-learn's `Ridge(alpha, fit_intercept=True)`: x and y are centred by the
+training means, W = (Cxx + αI)⁻¹ Cxy, b = ȳ − Wᵀx̄ (the intercept is not penalised). The
+penalty is α = c · tr(Cxx)/p, so one grid of multipliers c suits any feature scale.
+
+Held-out error from the scoring group's sums, centred on that group's own means (less
+cancellation than raw second moments):
+
+    SSE = Σ_q SST_q − 2 tr(WᵀCxy) + tr(WᵀCxxW) + n ‖(ȳ − ȳ_train) − Wᵀ(x̄ − x̄_train)‖²
+
+and R² = 1 − ΣSSE / ΣSST pooled over all leading indices and outputs, which is scikit-learn's
+`r2_score(y, ŷ, multioutput="variance_weighted")` over the flattened outputs.
+
+Kernel (dual) ridge on held features, for regressions with more features than samples, is at
+the end (`kernel_heldout_sse`); it gives the same W as the primal form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_RIDGE_GRID = tuple(10.0 ** k for k in range(-6, 3))  # multipliers c of tr(Cxx)/p
+
+
+class IllPosedRegressionWarning(UserWarning):
+    """A regression with too few samples for its number of inputs to mean what it claims."""
+
+
+@dataclass
+class RegressionSums:
+    """Sums over `count` samples; every tensor may carry the same leading dims (e.g. positions)."""
+
+    count: torch.Tensor  # () number of samples (shared by all leading indices)
+    sum_x: torch.Tensor  # (..., p)
+    sum_y: torch.Tensor  # (..., q)
+    xx: torch.Tensor  # (..., p, p)  Σ x xᵀ
+    xy: torch.Tensor  # (..., p, q)  Σ x yᵀ
+    yy: torch.Tensor  # (..., q)     Σ y² per output
+
+    def __add__(self, other: RegressionSums) -> RegressionSums:
+        return RegressionSums(self.count + other.count, self.sum_x + other.sum_x, self.sum_y + other.sum_y,
+                              self.xx + other.xx, self.xy + other.xy, self.yy + other.yy)
+
+    @classmethod
+    def from_samples(cls, x: torch.Tensor, y: torch.Tensor) -> RegressionSums:
+        """Sums of samples x (n, ..., p), y (n, ..., q), in float64."""
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        return cls(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
+                   x.sum(0), y.sum(0), torch.einsum("n...i,n...j->...ij", x, x),
+                   torch.einsum("n...i,n...j->...ij", x, y), y.square().sum(0))
+
+
+@dataclass
+class CenteredMoments:
+    count: torch.Tensor  # ()
+    mean_x: torch.Tensor  # (..., p)
+    mean_y: torch.Tensor  # (..., q)
+    cxx: torch.Tensor  # (..., p, p)  Σ (x − x̄)(x − x̄)ᵀ
+    cxy: torch.Tensor  # (..., p, q)
+    sst: torch.Tensor  # (..., q)     Σ (y − ȳ)² per output
+
+
+def centered(sums: RegressionSums) -> CenteredMoments:
+    n = sums.count
+    if float(n) < 1:
+        raise ValueError("regression sums over zero samples")
+    mean_x, mean_y = sums.sum_x / n, sums.sum_y / n
+    cxx = sums.xx - n * mean_x.unsqueeze(-1) * mean_x.unsqueeze(-2)
+    cxy = sums.xy - n * mean_x.unsqueeze(-1) * mean_y.unsqueeze(-2)
+    sst = (sums.yy - n * mean_y.square()).clamp_min(0.0)
+    return CenteredMoments(n, mean_x, mean_y, cxx, cxy, sst)
+
+
+def ridge_penalty_scale(moments: CenteredMoments) -> torch.Tensor:
+    """tr(Cxx)/p per leading index (1 where the features are constant, so α stays positive)."""
+    scale = torch.diagonal(moments.cxx, dim1=-2, dim2=-1).sum(-1) / moments.cxx.shape[-1]
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def ridge_weights(train: RegressionSums, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (..., p, q) and b (..., q) of the ridge fit with α = multiplier · tr(Cxx)/p."""
+    m = centered(train)
+    alpha = multiplier * ridge_penalty_scale(m)
+    eye = torch.eye(m.cxx.shape[-1], dtype=m.cxx.dtype, device=m.cxx.device)
+    weights = torch.linalg.solve(m.cxx + alpha[..., None, None] * eye, m.cxy)
+    intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
+    return weights, intercept
+
+
+def heldout_sse(train: RegressionSums, test: RegressionSums, multipliers: Sequence[float]) -> torch.Tensor:
+    """Test-group SSE (..., len(multipliers)) of the ridge fits on `train`, one per multiplier.
+
+    One eigendecomposition of the training Cxx serves the whole grid: in its eigenbasis the
+    weights for α are diag(d)·P with d = 1/(s + α) and P = VᵀCxy, so with the test moments
+    rotated too (M = VᵀCxx'V, T = VᵀCxy') the two trace terms are dᵀ(M ∘ PPᵀ)d and
+    Σ_i d_i (P ∘ T)_i·: each multiplier costs O(p²), the grid O(p³ + p²q) in all.
+    """
+    tr, te = centered(train), centered(test)
+    evals, evecs = torch.linalg.eigh(tr.cxx)
+    evals = evals.clamp_min(0.0)
+    scale = ridge_penalty_scale(tr).unsqueeze(-1)
+    evecs_t = evecs.transpose(-2, -1)
+    fit_xy = evecs_t @ tr.cxy  # P (..., p, q)
+    quadratic = (evecs_t @ te.cxx @ evecs) * (fit_xy @ fit_xy.transpose(-2, -1))  # M ∘ PPᵀ (..., p, p)
+    linear = (fit_xy * (evecs_t @ te.cxy)).sum(-1)  # (..., p)
+    shift_x = (evecs_t @ (te.mean_x - tr.mean_x).unsqueeze(-1)).squeeze(-1)  # (..., p)
+    shift_y = te.mean_y - tr.mean_y  # (..., q)
+    sst = te.sst.sum(-1)
+    out = []
+    for multiplier in multipliers:
+        d = 1.0 / (evals + multiplier * scale)
+        offset = shift_y - ((d * shift_x).unsqueeze(-2) @ fit_xy).squeeze(-2)
+        quad = ((d.unsqueeze(-2) @ quadratic) @ d.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        sse = sst - 2.0 * (d * linear).sum(-1) + quad + te.count * offset.square().sum(-1)
+        out.append(sse.clamp_min(0.0))
+    return torch.stack(out, dim=-1)
+
+
+def total_sum_of_squares(sums: RegressionSums) -> torch.Tensor:
+    """Σ over outputs of Σ (y − ȳ)², per leading index: the R² denominator of a scoring group."""
+    return (sums.yy - sums.sum_y.square() / sums.count).clamp_min(0.0).sum(-1)
+
+
+def kernel_heldout_sse(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                       y_test: torch.Tensor, multipliers: Sequence[float]) -> torch.Tensor:
+    """Test SSE (len(multipliers),) of ridge fits solved in the dual, from held samples (n, p) / (n, q).
+
+    Same model as the primal: centred kernel K = XcXcᵀ, dual coefficients (K + αI)⁻¹Yc,
+    α = c · tr(K)/p (tr(K) = tr(Cxx)), predictions (x − x̄)ᵀXcᵀ(K + αI)⁻¹Yc + ȳ.
+    """
+    x_train, y_train = x_train.to(torch.float64), y_train.to(torch.float64)
+    x_test, y_test = x_test.to(torch.float64), y_test.to(torch.float64)
+    mean_x, mean_y = x_train.mean(0), y_train.mean(0)
+    xc = x_train - mean_x
+    evals, evecs = torch.linalg.eigh(xc @ xc.T)
+    evals = evals.clamp_min(0.0)
+    scale = float(evals.sum()) / x_train.shape[1]
+    scale = scale if scale > 0 else 1.0
+    test_kernel_rotated = (x_test - mean_x) @ xc.T @ evecs  # (n_test, n_train)
+    rotated_targets = evecs.T @ (y_train - mean_y)  # (n_train, q)
+    residual_at_mean = y_test - mean_y
+    out = []
+    for multiplier in multipliers:
+        prediction = test_kernel_rotated @ (rotated_targets / (evals + multiplier * scale).unsqueeze(-1))
+        out.append((residual_at_mean - prediction).square().sum())
+    return torch.stack(out)

@@ -1,0 +1,312 @@
+"""The data pipeline: recipe -> transforms, datasets, rank-aware loaders, Mixup, probe set.
+
+    bundle = build_data(recipe, accelerator.num_processes, accelerator.process_index)
+    for epoch in range(start_epoch, epochs):
+        bundle.train_sampler.set_epoch(epoch, skip_batches=batches_done_in_this_epoch)
+        for images, targets in bundle.train_loader:          # CPU tensors; move them to the device
+            images, targets = images.to(device), targets.to(device)
+            if bundle.mixup_fn is not None:
+                images, targets = bundle.mixup_fn(images, targets)   # soft targets [B, num_classes]
+    for images, targets, valid in bundle.eval_loader:        # count only valid items
+        ...
+
+The loaders are NOT meant for `accelerator.prepare`: the samplers shard over ranks themselves.
+Augmentation randomness is a pure function of (train.seed, epoch, position in the epoch): each
+training sample seeds `random`, `numpy` and `torch` before its transform (and, in the main
+process, restores the caller's RNG state afterwards), so results do not depend on
+`data.num_workers` or on where a run was resumed.
+
+Corrupt images: with `data.skip_corrupt: false` the first one raises `DataError` naming the file.
+With `true`, an unreadable sample is replaced by the next readable index (wrapping around), the
+same way on every run; in evaluation the replacement is marked `valid=False` so it is not
+counted. `DataBundle.skipped_corrupt()` returns how many unreadable reads this process (workers
+included) has replaced so far, train and eval together; sum it over ranks to log a global count.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from trainer.data_sources import CorruptImageError, DataError, RawSplit, load_split
+from trainer.samplers import EvalKey, RepeatedAugSampler, ShardedEvalSampler, TrainKey
+
+__all__ = ["DataBundle", "DataError", "build_data", "build_eval_transform", "build_mixup",
+           "build_probe_dataset", "build_train_transform", "preserved_rngs", "sample_seed", "seed_rngs"]
+
+
+class CorruptImageCounter:
+    """Unreadable images one dataset has replaced so far, in this process and its loader workers.
+
+    One shared slot per process (the main one, then one per worker id), each written only by its
+    owner: no lock, no lost updates, and it works with any multiprocessing start method.
+    """
+
+    def __init__(self, num_workers: int = 0) -> None:
+        self._slots = multiprocessing.RawArray("q", num_workers + 1)
+
+    def increment(self) -> None:
+        worker = get_worker_info()
+        self._slots[0 if worker is None else (worker.id + 1) % len(self._slots)] += 1
+
+    def __call__(self) -> int:
+        return sum(self._slots)
+
+
+@dataclass
+class DataBundle:
+    train_loader: DataLoader  # (images float32 [B, C, H, W], targets int64 [B]), drop_last
+    eval_loader: DataLoader  # (images, targets, valid bool [B]); same batch count on every rank
+    train_sampler: RepeatedAugSampler  # call .set_epoch(epoch, skip_batches) before each epoch
+    eval_sampler: ShardedEvalSampler
+    mixup_fn: Mixup | None  # apply on device to (images, targets); None when mixup == cutmix == 0
+    num_classes: int  # width of the label space (model.num_classes); >= len(class_names)
+    class_names: tuple[str, ...]  # classes found in the training split
+    num_train_examples: int  # training split size (before repeated augmentation)
+    num_eval_examples: int
+    steps_per_epoch: int  # full training batches per process per epoch
+    skipped_corrupt: Callable[[], int]  # unreadable images replaced so far (train + eval, this rank)
+
+
+# --- transforms and mixup ---------------------------------------------------------------------------
+
+def _input_size(recipe: Any) -> tuple[int, int, int]:
+    m, a = recipe.model, recipe.augment
+    if len(a.mean) != m.in_chans:
+        raise DataError(f"augment.mean = {a.mean} and augment.std = {a.std} need one value per channel "
+                        f"(model.in_chans = {m.in_chans})")
+    return m.in_chans, m.img_size, m.img_size
+
+
+def build_train_transform(recipe: Any) -> Any:
+    """timm's ImageNet training transform from `recipe.augment`: RandomResizedCrop(scale, ratio),
+    flip, RandAugment (`auto_augment`) or colour jitter, normalise, random erasing."""
+    a = recipe.augment
+    transform = create_transform(
+        _input_size(recipe), is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+        color_jitter=a.color_jitter or None, auto_augment=a.auto_augment, interpolation=a.train_interpolation,
+        mean=tuple(a.mean), std=tuple(a.std), re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
+    _allow_zero_bit_posterize(transform)
+    return transform
+
+
+def posterize_zero_bits_ok(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives the all-black image that Pillow < 13 produced.
+
+    timm maps RandAugment magnitude 10 (reached whenever `mstd` noise clips at the top) to 0 bits
+    for PosterizeIncreasing, and AutoAugment's Posterize level 0 to 0 bits; Pillow 13 rejects
+    bits < 1 with a ValueError: with rand-m9-mstd0.5-inc1 about one image in 2,000 (measured), so
+    an unpatched ImageNet run would not finish its first epoch.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return timm_auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+def _allow_zero_bit_posterize(transform: Any) -> None:
+    for step in getattr(transform, "transforms", []):
+        ops = list(getattr(step, "ops", []))  # RandAugment, AugMix
+        for sub_policy in getattr(step, "policy", []):  # AutoAugment
+            ops += list(sub_policy)
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
+                op.aug_fn = posterize_zero_bits_ok
+
+
+def build_eval_transform(recipe: Any) -> Any:
+    """Resize to img_size / crop_pct, centre-crop img_size, normalise (timm's eval transform)."""
+    a = recipe.augment
+    return create_transform(_input_size(recipe), is_training=False, interpolation=a.eval_interpolation,
+                            mean=tuple(a.mean), std=tuple(a.std), crop_pct=a.crop_pct)
+
+
+def build_mixup(recipe: Any) -> Mixup | None:
+    """timm's Mixup/CutMix with label smoothing, or None when both alphas are 0."""
+    a = recipe.augment
+    if a.mixup <= 0 and a.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                 mode=a.mixup_mode, label_smoothing=a.label_smoothing, num_classes=recipe.model.num_classes)
+
+
+# --- per-sample seeding -----------------------------------------------------------------------------
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A well-mixed 63-bit seed for one training sample."""
+    words = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, position]).generate_state(2)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed `random`, `numpy` and torch's CPU generator (torch.manual_seed would reseed CUDA too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def preserved_rngs() -> Iterator[None]:
+    """In the main process, restore `random`, `numpy` and torch's CPU RNG state on exit, so the
+    training loop's random stream does not depend on data loading; a worker's RNG is its own.
+    (Saving numpy's state costs ~0.15 ms, so batches do it once: see `TrainSet.__getitems__`.)"""
+    if get_worker_info() is not None:
+        yield
+        return
+    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.set_rng_state(saved[2])
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+def _read(raw: RawSplit, index: int, skip_corrupt: bool, counter: CorruptImageCounter) -> tuple[Any, int, bool]:
+    """(image, target, is_original): the sample at `index`, or with skip_corrupt the next readable one."""
+    size = len(raw.dataset)
+    for offset in range(size):
+        try:
+            image, target = raw.dataset[(index + offset) % size]
+            return image, target, offset == 0
+        except CorruptImageError as e:
+            if not skip_corrupt:
+                raise DataError(f"corrupt image {e} (set data.skip_corrupt=true to skip unreadable images)") from None
+            counter.increment()
+    raise DataError(f"{raw.description}: no readable image at all")
+
+
+class TrainSet(Dataset):
+    """Training samples keyed by `TrainKey`; the transform is seeded from (seed, epoch, position)."""
+
+    def __init__(self, raw: RawSplit, transform: Any, seed: int, skip_corrupt: bool, counter: CorruptImageCounter):
+        self.raw, self.transform, self.seed = raw, transform, seed
+        self.skip_corrupt, self.counter = skip_corrupt, counter
+
+    def __len__(self) -> int:
+        return len(self.raw.dataset)
+
+    def __getitem__(self, key: TrainKey | int) -> tuple[torch.Tensor, int]:
+        with preserved_rngs():
+            return self._load(key)
+
+    def __getitems__(self, keys: list[TrainKey]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch (the DataLoader's batched fetch), saving the caller's RNG state once."""
+        with preserved_rngs():
+            return [self._load(key) for key in keys]
+
+    def _load(self, key: TrainKey | int) -> tuple[torch.Tensor, int]:
+        if not isinstance(key, TrainKey):
+            key = TrainKey(int(key), 0, int(key))
+        image, target, _ = _read(self.raw, key.index, self.skip_corrupt, self.counter)
+        if self.transform is None:
+            return image, target
+        seed_rngs(sample_seed(self.seed, key.epoch, key.position))
+        return self.transform(image), target
+
+
+class EvalSet(Dataset):
+    """Evaluation samples keyed by `EvalKey`: (image, target, valid)."""
+
+    def __init__(self, raw: RawSplit, transform: Any, skip_corrupt: bool, counter: CorruptImageCounter):
+        self.raw, self.transform = raw, transform
+        self.skip_corrupt, self.counter = skip_corrupt, counter
+
+    def __len__(self) -> int:
+        return len(self.raw.dataset)
+
+    def __getitem__(self, key: EvalKey | int) -> tuple[torch.Tensor, int, bool]:
+        if not isinstance(key, EvalKey):
+            key = EvalKey(int(key), True)
+        image, target, is_original = _read(self.raw, key.index, self.skip_corrupt, self.counter)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target, key.valid and is_original
+
+
+class ProbeSet(Dataset):
+    """A fixed list of evaluation indices with the eval transform: (image, target)."""
+
+    def __init__(self, eval_set: EvalSet, indices: list[int]):
+        self.eval_set, self.indices = eval_set, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, target, _ = self.eval_set[self.indices[i]]
+        return image, target
+
+
+# --- assembly ---------------------------------------------------------------------------------------
+
+def _eval_set(recipe: Any, raw: RawSplit, counter: CorruptImageCounter) -> EvalSet:
+    transform = None if recipe.data.source == "synthetic" else build_eval_transform(recipe)
+    return EvalSet(raw, transform, recipe.data.skip_corrupt, counter)
+
+
+def _check_classes(recipe: Any, *splits: RawSplit) -> None:
+    for split in splits:
+        if len(split.class_names) > recipe.model.num_classes:
+            raise DataError(f"model.num_classes = {recipe.model.num_classes} is smaller than the "
+                            f"{len(split.class_names)} classes of {split.description}")
+
+
+def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> DataBundle:
+    """Datasets, rank-aware loaders and Mixup for process `process_index` of `num_processes`."""
+    d, t = recipe.data, recipe.train
+    train_raw, eval_raw = load_split(recipe, "train"), load_split(recipe, "eval")
+    _check_classes(recipe, train_raw, eval_raw)
+    mixup_fn = build_mixup(recipe)
+    if mixup_fn is not None and t.batch_size % 2:
+        raise DataError(f"train.batch_size = {t.batch_size} must be even when augment.mixup or augment.cutmix > 0")
+
+    train_counter, eval_counter = CorruptImageCounter(d.num_workers), CorruptImageCounter(d.num_workers)
+    train_transform = None if d.source == "synthetic" else build_train_transform(recipe)
+    train_set = TrainSet(train_raw, train_transform, t.seed, d.skip_corrupt, train_counter)
+    eval_set = _eval_set(recipe, eval_raw, eval_counter)
+    train_sampler = RepeatedAugSampler(len(train_set), t.batch_size, num_processes, process_index,
+                                       repeats=recipe.augment.repeated_aug, seed=t.seed)
+    if train_sampler.steps_per_epoch == 0:
+        raise DataError(f"{train_raw.description} has {len(train_set)} examples, fewer than one global batch "
+                        f"(train.batch_size = {t.batch_size} x {num_processes} processes)")
+    eval_sampler = ShardedEvalSampler(len(eval_set), num_processes, process_index)
+
+    def loader(dataset: Dataset, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=d.num_workers,
+            pin_memory=d.pin_memory and torch.cuda.is_available(), persistent_workers=d.num_workers > 0,
+            # Own generator: the loader draws its worker base seed from it, not from the global RNG.
+            generator=torch.Generator().manual_seed(t.seed * 7919 + process_index))
+
+    return DataBundle(
+        train_loader=loader(train_set, train_sampler, t.batch_size, True),
+        eval_loader=loader(eval_set, eval_sampler, recipe.eval.batch_size, False),
+        train_sampler=train_sampler, eval_sampler=eval_sampler, mixup_fn=mixup_fn,
+        num_classes=recipe.model.num_classes, class_names=train_raw.class_names,
+        num_train_examples=len(train_set), num_eval_examples=len(eval_set),
+        steps_per_epoch=train_sampler.steps_per_epoch,
+        skipped_corrupt=lambda: train_counter() + eval_counter())
+
+
+def build_probe_dataset(recipe: Any, size: int, seed: int) -> Dataset:
+    """A fixed, seeded subset of the eval split with the eval transform, yielding (image, target).
+
+    The same `seed` gives the same images in the same (shuffled, class-mixed) order at every
+    checkpoint; `size` larger than the split gives all of it.
+    """
+    eval_set = _eval_set(recipe, load_split(recipe, "eval"), CorruptImageCounter())
+    order = torch.randperm(len(eval_set), generator=torch.Generator().manual_seed(seed))
+    return ProbeSet(eval_set, order[:size].tolist())
