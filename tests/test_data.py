@@ -396,3 +396,21 @@ def test_zero_bit_posterize_gives_a_black_image_instead_of_a_pillow_error(policy
     image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     assert np.asarray(posterize[0].aug_fn(image, 0)).max() == 0
     assert np.asarray(posterize[0].aug_fn(image, 1)).max() == 128
+
+
+def test_loader_workers_leave_preemption_signals_to_the_main_process():
+    """Slurm signals the whole process group: a worker must survive SIGTERM so the trainer can save."""
+    import os
+    import signal
+
+    recipe = make_recipe(data={"source": "synthetic", "num_workers": 1, "synthetic_train_size": 64},
+                         train={"batch_size": 8})
+    bundle = build_data(recipe)
+    bundle.train_sampler.set_epoch(0)
+    iterator = iter(bundle.train_loader)
+    next(iterator)
+    worker = iterator._workers[0]
+    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, signal.SIGINT)
+    assert sum(1 for _ in iterator) == bundle.steps_per_epoch - 1  # the epoch completes
+    assert worker.exitcode in (None, 0)

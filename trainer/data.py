@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -172,6 +173,17 @@ def preserved_rngs() -> Iterator[None]:
         torch.random.set_rng_state(saved[2])
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the main process.
+
+    Slurm preemption and Ctrl-C signal the whole process group; a worker that died of it would
+    crash the main process mid-step instead of letting it finish the step and save.
+    """
+    del worker_id
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # --- datasets ---------------------------------------------------------------------------------------
 
 def _read(raw: RawSplit, index: int, skip_corrupt: bool, counter: CorruptImageCounter) -> tuple[Any, int, bool]:
@@ -289,7 +301,8 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=d.num_workers,
             pin_memory=d.pin_memory and torch.cuda.is_available(), persistent_workers=d.num_workers > 0,
             # Own generator: the loader draws its worker base seed from it, not from the global RNG.
-            generator=torch.Generator().manual_seed(t.seed * 7919 + process_index))
+            generator=torch.Generator().manual_seed(t.seed * 7919 + process_index),
+            worker_init_fn=ignore_stop_signals if d.num_workers > 0 else None)
 
     return DataBundle(
         train_loader=loader(train_set, train_sampler, t.batch_size, True),

@@ -236,6 +236,10 @@ def _check_range(value: Any, meta: Mapping, where: str) -> None:
         bad = [v for v in value if v not in meta["choices"]]
         if bad:
             raise RecipeError(f"{where}: unknown item {bad[0]!r}; expected items from {', '.join(meta['choices'])}")
+    if isinstance(value, list):
+        for item in value:
+            _check_range(item, {**meta, "choices": None}, f"{where} item")
+        return
     if not isinstance(value, int | float) or isinstance(value, bool):
         return
     lo, hi = meta.get("min"), meta.get("max")
