@@ -5,7 +5,8 @@
     python ablations/sweep.py ablations/mlp_reduction.yaml --launcher slurm --set data.root=/data/imagenet
 
 Idempotent: finished runs are skipped, interrupted ones resume from their newest checkpoint,
-and a run dir whose saved recipe differs from the sweep's point is never overwritten.
+and a run dir whose saved recipe differs from the sweep's point is never overwritten. Each
+launched point runs its resolved recipe, written to <output>/recipes/<point>.yaml first.
 Afterwards: `python tools/report.py <sweep output dir>`.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -21,46 +23,68 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python ablations/sweep.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations.launch import LaunchJob, run_local, submit_slurm, train_command
+from ablations.launch import (
+    DEFAULT_ACCELERATE_ARGS,
+    LaunchJob,
+    free_port,
+    is_multi_process,
+    run_local,
+    still_queued,
+    submit_slurm,
+    train_command,
+)
 from ablations.sweep_spec import SweepError, SweepPoint, SweepSpec, expand, load_sweep
 from trainer.cli import exit_on_user_error, register_user_error
-from trainer.recipe import RecipeError, flatten_recipe, load_recipe
+from trainer.init_weights import resolve_weights_file
+from trainer.recipe import RecipeError, save_recipe
+from trainer.run_dir import load_saved_recipe, recipe_differences
 from trainer.run_state import run_is_finished
 
 register_user_error(SweepError)
 
 SWEEP_MANIFEST = "sweep.json"
 RUNS_SUBDIR = "runs"
+RECIPES_SUBDIR = "recipes"
 
 
 @dataclass
 class PointState:
     point: SweepPoint
     run_dir: Path
-    status: str  # done | resume | new
-
-
-def recipe_differences(saved_path: Path, point: SweepPoint) -> list[str]:
-    try:
-        saved = flatten_recipe(load_recipe(saved_path))
-    except RecipeError as e:
-        return [f"the saved recipe does not load ({e})"]
-    wanted = flatten_recipe(point.recipe)
-    ignore = {"train.output_dir"}
-    return [f"{k}: saved {saved.get(k)!r} != sweep {wanted.get(k)!r}"
-            for k in sorted(set(saved) | set(wanted)) if k not in ignore and saved.get(k) != wanted.get(k)]
+    status: str  # done | resume | new | queued (a Slurm job of an earlier invocation may still run it)
 
 
 def point_state(point: SweepPoint, run_dir: Path) -> PointState:
     saved = run_dir / "recipe.yaml"
     if saved.is_file():
-        diffs = recipe_differences(saved, point)
+        try:
+            diffs = recipe_differences(load_saved_recipe(saved), point.recipe)
+        except RecipeError as e:
+            diffs = [f"the saved recipe does not load ({e})"]
         if diffs:
             shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
             raise SweepError(f"run dir {run_dir} holds a different recipe than sweep point '{point.name}' "
-                             f"({shown}); refusing to overwrite it: move it away or change the sweep's output")
+                             f"(saved -> sweep: {shown}); refusing to overwrite it: move it away or change "
+                             "the sweep's output")
         return PointState(point, run_dir, "done" if run_is_finished(run_dir) else "resume")
     return PointState(point, run_dir, "new")
+
+
+def missing_weights(spec: SweepSpec, points: list[SweepPoint]) -> list[str]:
+    """Problems with the weights points start from: `mode: evaluate` needs model.checkpoint, and
+    every model.checkpoint given must exist (caught here, before anything is launched)."""
+    problems: dict[str, None] = {}
+    for point in points:
+        checkpoint = point.recipe.model.checkpoint
+        if spec.mode == "evaluate" and not checkpoint:
+            raise SweepError(f"{spec.path}: mode: evaluate needs model.checkpoint (point '{point.name}'); "
+                             "pass --set model.checkpoint=PATH (a .safetensors file, checkpoint or run dir)")
+        if checkpoint:
+            try:
+                resolve_weights_file(checkpoint)
+            except RecipeError as e:
+                problems[str(e)] = None
+    return list(problems)
 
 
 def write_manifest(spec: SweepSpec, states: list[PointState], results: dict[str, str]) -> Path:
@@ -81,12 +105,14 @@ def write_manifest(spec: SweepSpec, states: list[PointState], results: dict[str,
 
 
 class Progress:
-    """One sweep-level line: done / running / failed / pending."""
+    """One sweep-level line: done / running / failed / pending, and the elapsed time."""
 
     def __init__(self, name: str, states: list[PointState]) -> None:
         self.name = name
+        self.total = len(states)
         self.counts = {"done": sum(s.status == "done" for s in states), "running": 0, "failed": 0,
-                       "pending": sum(s.status != "done" for s in states)}
+                       "queued": sum(s.status == "queued" for s in states)}
+        self.counts["pending"] = self.total - self.counts["done"] - self.counts["queued"]
         self.start = time.monotonic()
 
     def update(self, event: str, ok: bool | None = None) -> None:
@@ -101,8 +127,16 @@ class Progress:
     def print(self) -> None:
         c = self.counts
         elapsed = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - self.start))
-        print(f"[sweep {self.name}] {c['done']} done, {c['running']} running, {c['failed']} failed, "
-              f"{c['pending']} pending  ({elapsed})", flush=True)
+        queued = f", {c['queued']} queued" if c["queued"] else ""
+        print(f"[sweep {self.name}] {c['done']}/{self.total} done, {c['running']} running, {c['failed']} failed, "
+              f"{c['pending']} pending{queued}  ({elapsed})", flush=True)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,25 +144,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("sweep", help="sweep file (see ablations/)")
     p.add_argument("--dry-run", action="store_true", help="list the points and their overrides, launch nothing")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
-    p.add_argument("--max-parallel", type=int, default=None, help="local: runs at a time (default: sweep file or 1)")
+    p.add_argument("--max-parallel", type=_positive, default=None,
+                   help="local: runs at a time (default: the sweep file's launcher.max_parallel, else 1)")
     p.add_argument("--output", help="sweep output dir (default: the sweep file's output)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides applied to every point (e.g. data.root=/data/imagenet)")
-    p.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default=None,
-                   help=argparse.SUPPRESS)  # submitit's local executor, for tests
+    p.add_argument("--submitit-cluster", choices=("slurm", "local"), default=None,
+                   help="with --launcher slurm: local = submitit's local executor, which runs the jobs on this "
+                        "machine and waits (try the Slurm path without a cluster)")
     return p.parse_args(argv)
 
 
-def launch_jobs(spec: SweepSpec, states: list[PointState]) -> list[LaunchJob]:
-    accelerate_args = spec.launcher.get("accelerate_args", ["--num_processes", "1"])
+def snapshot_recipe(spec: SweepSpec, point: SweepPoint) -> Path:
+    """Where a point's resolved recipe is written before launch: the trainer runs exactly the recipe
+    the sweep expanded, even if a base recipe is edited while the sweep runs."""
+    return spec.output / RECIPES_SUBDIR / f"{point.name}.yaml"
+
+
+def launch_jobs(spec: SweepSpec, states: list[PointState], max_parallel: int = 1,
+                write_recipes: bool = True) -> list[LaunchJob]:
+    accelerate_args = list(spec.launcher.get("accelerate_args", DEFAULT_ACCELERATE_ARGS))
+    # Concurrent multi-process runs on one machine would all rendezvous on accelerate's default port.
+    own_port = max_parallel > 1 and is_multi_process(accelerate_args) and not any(
+        a.startswith("--main_process_port") for a in accelerate_args)
+    extra = ["--eval-only"] if spec.mode == "evaluate" else []
     jobs = []
     for s in states:
-        if s.status == "done":
+        if s.status in ("done", "queued"):
             continue
-        extra = ["--eval-only"] if spec.mode == "evaluate" else []
-        command = train_command(spec.base, s.point.overrides, s.run_dir, accelerate_args, extra)
+        args = [*accelerate_args, "--main_process_port", str(free_port())] if own_port else accelerate_args
+        recipe = snapshot_recipe(spec, s.point)
+        if write_recipes:
+            recipe.parent.mkdir(parents=True, exist_ok=True)
+            save_recipe(s.point.recipe, recipe, header=f"sweep {spec.name}, point {s.point.name}: {spec.base} with "
+                                                        f"--set {' '.join(s.point.overrides)}")
+        # Absolute paths: the runner and the trainer agree on them whatever their working directories.
+        command = train_command(recipe.absolute(), [], s.run_dir.absolute(), args, extra)
         jobs.append(LaunchJob(s.point.name, command, s.run_dir, spec.output / "logs" / f"{s.point.name}.log"))
     return jobs
+
+
+def print_dry_run(spec: SweepSpec, states: list[PointState], common: list[str], jobs: list[LaunchJob]) -> None:
+    print(f"sweep {spec.name} ({spec.mode}): {len(states)} points from {spec.base} -> {spec.output}")
+    for s in states:
+        varying = " ".join(o for o in s.point.overrides if o not in common)
+        print(f"  {s.point.name:<32} [{s.status}]  {varying}")
+    if jobs:
+        print(f"command of '{jobs[0].name}':\n  {shlex.join(jobs[0].command)}")
+
+
+def run_slurm(args: argparse.Namespace, spec: SweepSpec, jobs: list[LaunchJob], results: dict[str, str]) -> bool:
+    """Submit one job per point; True when the jobs ran here (local executor) and `results` is filled."""
+    folder = spec.output / "slurm"
+    submitted = submit_slurm(jobs, folder, dict(spec.launcher.get("slurm") or {}), cluster=args.submitit_cluster)
+    for job, handle in zip(jobs, submitted):
+        print(f"submitted {job.name}: job {handle.job_id}, log {job.log_path}")
+    if args.submitit_cluster != "local":
+        print(f"{len(submitted)} jobs submitted; re-run this command to see progress (queued and finished "
+              "points are skipped, interrupted ones resubmitted)")
+        return False
+    for job, handle in zip(jobs, submitted):  # the local executor: wait, as a cluster job would
+        try:
+            handle.result()
+            results[job.name] = "done" if run_is_finished(job.run_dir) else "interrupted"
+        except Exception:  # noqa: BLE001 - submitit re-raises the job's error; it is in the log
+            results[job.name] = "failed"
+    return True
 
 
 @exit_on_user_error
@@ -136,37 +217,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = load_sweep(args.sweep, args.output)
     points = expand(spec, args.overrides)
+    problems = missing_weights(spec, points)
+    if problems and not args.dry_run:
+        raise SweepError(f"{spec.path}: {'; '.join(problems)}")
     states = [point_state(p, spec.output / RUNS_SUBDIR / p.name) for p in points]
+    if args.launcher == "slurm" and args.submitit_cluster in (None, "slurm"):
+        queued = still_queued(spec.output / "slurm")
+        for s in states:
+            if s.status != "done" and s.point.name in queued:
+                s.status = "queued"
+                print(f"{s.point.name}: {queued[s.point.name]}, not submitted again")
+    max_parallel = args.max_parallel or int(spec.launcher.get("max_parallel", 1))
+    jobs = launch_jobs(spec, states, max_parallel if args.launcher == "local" else 1, write_recipes=not args.dry_run)
 
     if args.dry_run:
-        print(f"sweep {spec.name}: {len(points)} points from {spec.base} -> {spec.output}")
-        for s in states:
-            print(f"  {s.point.name:<40} [{s.status}]  " + " ".join(o for o in s.point.overrides
-                                                                    if o not in spec.common + args.overrides))
+        print_dry_run(spec, states, spec.common + args.overrides, jobs)
+        for problem in problems:
+            print(f"warning: {problem}")
         return 0
 
-    jobs = launch_jobs(spec, states)
     progress = Progress(spec.name, states)
     progress.print()
     results: dict[str, str] = {}
     write_manifest(spec, states, results)
     if args.launcher == "slurm":
-        slurm = dict(spec.launcher.get("slurm") or {})
-        submitted = submit_slurm(jobs, spec.output / "slurm", slurm, cluster=args.submitit_cluster)
-        for job, handle in zip(jobs, submitted):
-            print(f"submitted {job.name}: job {handle.job_id}, log {job.log_path}")
-        if args.submitit_cluster != "local":
-            print(f"{len(submitted)} jobs submitted; re-run this command to see progress and skip finished runs")
+        if not run_slurm(args, spec, jobs, results):
+            write_manifest(spec, states, {j.name: "submitted" for j in jobs})
             return 0
-        for job, handle in zip(jobs, submitted):  # the local executor: wait, as a cluster job would
-            try:
-                handle.result()
-                results[job.name] = "done" if run_is_finished(job.run_dir) else "failed"
-            except Exception:  # noqa: BLE001 - submitit re-raises the job's error; it is in the log
-                results[job.name] = "failed"
     else:
-        max_parallel = args.max_parallel or int(spec.launcher.get("max_parallel", 1))
-
         def on_event(event: str, job: LaunchJob, rc: int | None) -> None:
             ok = rc == 0 and run_is_finished(job.run_dir)
             if event == "end":
@@ -174,12 +252,19 @@ def main(argv: list[str] | None = None) -> int:
                 write_manifest(spec, states, results)
             progress.update(event, ok)
 
-        run_local(jobs, max_parallel, on_event)
+        try:
+            run_local(jobs, max_parallel, on_event)
+        except KeyboardInterrupt:
+            write_manifest(spec, states, results)
+            print(f"\ninterrupted: running points were asked to save a checkpoint; re-run the same command "
+                  f"to resume ({spec.path})", file=sys.stderr)
+            return 130
 
     write_manifest(spec, states, results)
     failed = [j for j in jobs if results.get(j.name) not in ("done", None)]
     if failed:
-        print(f"\n{len(failed)} of {len(jobs)} launched runs did not finish:", file=sys.stderr)
+        print(f"\n{len(failed)} of {len(jobs)} launched runs did not finish (fix what the log says; re-running "
+              "the same command resumes them and skips finished runs):", file=sys.stderr)
         for job in failed:
             print(f"  {job.name}: {results[job.name]}, log {job.log_path}", file=sys.stderr)
         return 1

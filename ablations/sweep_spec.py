@@ -14,11 +14,18 @@
     seeds: [0, 1, 2]                   # train.seed axis (default: the recipe's seed)
     mode: train                        # or evaluate (score a trained checkpoint per point)
     launcher:
-      accelerate_args: [--multi_gpu, --num_processes, "8"]
-      slurm: {partition: gpu, nodes: 1, gpus_per_node: 8, cpus_per_task: 80, timeout_min: 4320}
+      accelerate_args: [--multi_gpu, --num_processes, "8"]   # default: --num_processes 1
+      max_parallel: 1                  # local launcher: points run at a time (--max-parallel)
+      slurm: {slurm_partition: gpu, nodes: 1, gpus_per_node: 8, cpus_per_task: 80, timeout_min: 4320}
 
 Points are the product grid x zip x seeds; each is named from its labels, e.g.
-`grouped_mlp-seed1` or `depth6-seed0`, and gets its own run dir under the sweep's output.
+`grouped_mlp-seed1` or `depth6-seed0`, and gets its own run dir `<output>/runs/<name>`.
+Labels: a number gets its key's last part (`depth6`, `lr0.01`), a string stays itself, a
+mapping axis uses its keys; a zip is labelled by its first axis. `launcher.slurm` takes
+submitit's parameters: generic ones (nodes, gpus_per_node, cpus_per_task, mem_gb, timeout_min)
+and Slurm's with the `slurm_` prefix (slurm_partition, slurm_account, slurm_qos, ...).
+`mode: evaluate` points run `trainer/train.py --eval-only` (score `model.checkpoint`, e.g. over
+`eval.pe_scale`) instead of training.
 """
 
 from __future__ import annotations

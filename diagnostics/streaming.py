@@ -21,8 +21,22 @@ Because everything is a sum, streaming over batches equals one pass over the con
 and N processes equal one.
 
 Metrics that need more than one sweep over the probe set (e.g. fit a projection, then score
-with it) set `num_passes`; `run_probe` calls `start_pass(p)` before sweep p and `all_reduce()`
-after every sweep. Sums already reduced are frozen: accumulating into them again raises.
+with it) set `num_passes` (a class default that an instance may override: ISI's depends on how
+many stage groups its memory budget allows); `run_probe` calls `start_pass(p)` before sweep p
+and `all_reduce()` after every sweep. Sums already reduced are frozen: accumulating into them
+again raises; `discard(keys)` drops sums a metric no longer needs (e.g. after deriving a basis).
+
+Image ids: a probe batch may carry integer ids of its images (e.g. their dataset indices),
+`(images, labels, ids)`. Metrics that split images (ISI's fit/validation/test groups) key on
+them, so the split is exact and identical on every process whatever the batching or sharding;
+without ids they hash the pixels.
+
+Results are keyed by `metric.name`. Two instances of one class in one run need distinct names:
+set `metric.name = "isi_literal"` on the instance (run_probe refuses duplicates).
+
+The all-reduce packs a metric's fresh sums into buckets of at most `REDUCE_BUCKET_BYTES`
+(1 GiB; a single larger sum travels alone), so reducing costs one bucket of extra memory, not a
+second copy of every sum.
 """
 
 from __future__ import annotations
@@ -37,7 +51,9 @@ import torch
 from torch import nn
 
 from diagnostics.capture import EMBED, NORM, PE, Stage, iterate_stages, unwrap_model
-from diagnostics.distributed import all_reduce_sum_states
+from diagnostics.distributed import all_reduce_sum_states, is_distributed
+
+REDUCE_BUCKET_BYTES = 1 << 30
 
 _BLOCK_STAGE = re.compile(r"block_(\d+)$")
 
@@ -70,7 +86,12 @@ class ProbeBatch:
     num_prefix_tokens: int  # CLS + register tokens, which come first in every stage after `embed`
     has_class_token: bool  # the CLS token exists (then it is token 0 of every stage after `embed`)
     grid_size: tuple[int, int]  # patch grid (rows, cols); patch tokens are in row-major order
-    indices: torch.Tensor | None = None  # (B,) positions of the images in the whole probe set
+    indices: torch.Tensor | None = None  # (B,) integer image ids (e.g. dataset indices), unique per image
+
+    @property
+    def image_ids(self) -> torch.Tensor | None:
+        """The ids metrics key image splits on (`diagnostics.image_split.image_keys`): `indices`."""
+        return self.indices
 
     @property
     def num_patches(self) -> int:
@@ -145,33 +166,84 @@ class StreamingMetric(abc.ABC):
         """Stages that have sums (keys are '<stage>/<statistic>'), in forward order."""
         return ordered_stages(key.split("/", 1)[0] for key in self._sums if "/" in key)
 
-    def all_reduce(self, device: torch.device | str | None = None) -> None:
-        """Sum the not-yet-reduced statistics over ranks (no-op in one process); safe to call repeatedly."""
+    def discard(self, keys: Iterable[str]) -> None:
+        """Drop the named sums (reduced or not); unknown keys are ignored."""
+        for key in list(keys):
+            self._sums.pop(key, None)
+            self._reduced.discard(key)
+
+    def all_reduce(self, device: torch.device | str | None = None,
+                   bucket_bytes: int = REDUCE_BUCKET_BYTES) -> None:
+        """Sum the not-yet-reduced statistics over ranks (no-op in one process); safe to call repeatedly.
+
+        Collective: every rank calls it, even one whose shard was empty (its missing sums count as zeros).
+        """
         fresh = {key: value for key, value in self._sums.items() if key not in self._reduced}
         if device is None and self._sums:
             device = next(iter(self._sums.values())).device
-        reduced = all_reduce_sum_states(fresh, device=device)
-        self._sums.update(reduced)
-        self._reduced.update(reduced)
+        for bucket in _reduce_buckets(fresh, bucket_bytes):
+            # popped, so this bucket's unreduced sums are freed before the next bucket is packed
+            packed = {key: fresh.pop(key) for key in bucket if key in fresh}
+            reduced = all_reduce_sum_states(packed, device=device)
+            del packed
+            self._sums.update(reduced)
+            self._reduced.update(reduced)
+
+
+def _agreed_shapes(states: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape over the union of every rank's keys (one small all_gather_object when distributed)."""
+    local = {key: tuple(value.shape) for key, value in states.items()}
+    if not is_distributed():
+        return local
+    gathered: list[dict[str, tuple[int, ...]] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    return {key: shape for rank_shapes in gathered for key, shape in (rank_shapes or {}).items()}
+
+
+def _reduce_buckets(states: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+    """Sorted keys cut into consecutive buckets of at most `bucket_bytes` float64 bytes, same on every rank."""
+    buckets: list[list[str]] = []
+    size = 0
+    for key, shape in sorted(_agreed_shapes(states).items()):
+        nbytes = 8 * int(torch.Size(shape).numel())
+        if not buckets or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(key)
+        size += nbytes
+    return buckets
 
 
 def update_metrics(model: nn.Module, images: torch.Tensor, metrics: Sequence[StreamingMetric],
                    labels: torch.Tensor | None = None, indices: torch.Tensor | None = None) -> None:
     """One stage-by-stage forward of `images`, each stage handed to every metric, then dropped.
 
-    `indices` (global positions in the probe set) let a metric split images deterministically,
-    independent of batching and sharding (e.g. a held-out fraction by image).
+    `indices` (integer image ids, e.g. dataset indices) let a metric split images deterministically,
+    independent of batching and sharding (e.g. a held-out fraction by image). Metric updates run
+    under `torch.no_grad()` (they may call model parts, e.g. the head).
     """
     batch = ProbeBatch.from_model(model, images, labels, indices)
     attention = any(metric.needs_attention for metric in metrics)
-    for stage in iterate_stages(batch.model, images, attention=attention):
-        for metric in metrics:
-            metric.update(stage, batch)
+    with torch.no_grad():
+        for stage in iterate_stages(batch.model, images, attention=attention):
+            for metric in metrics:
+                metric.update(stage, batch)
+
+
+def check_unique_names(metrics: Sequence[StreamingMetric]) -> None:
+    """Results are keyed by `metric.name`: refuse two metrics that would overwrite each other."""
+    seen: set[str] = set()
+    for metric in metrics:
+        if metric.name in seen:
+            raise ValueError(f"two metrics are named {metric.name!r}; give one a distinct name "
+                             f"(e.g. metric.name = '{metric.name}_2') so their results do not collide")
+        seen.add(metric.name)
 
 
 def compute_metrics(metrics: Sequence[StreamingMetric],
                     device: torch.device | str | None = None) -> dict[str, dict[str, Any]]:
     """All-reduce every metric (collective: call on all ranks), then compute; keyed by metric name."""
+    check_unique_names(metrics)
     results = {}
     for metric in metrics:
         metric.all_reduce(device=device)
@@ -195,11 +267,12 @@ ProbeBatches = Iterable[Any] | Callable[[], Iterable[Any]]
 def run_probe(model: nn.Module, batches: ProbeBatches, metrics: Sequence[StreamingMetric]) -> dict[str, Any]:
     """Run `metrics` over a probe set and return `{metric.name: metric.compute()}` (same on every rank).
 
-    `batches` yields `images`, `(images, labels)` or `(images, labels, indices)` (labels may be
-    None); it must be re-iterable (a DataLoader, a list)
+    `batches` yields `images`, `(images, labels)` or `(images, labels, ids)` (labels may be
+    None; ids are integer image ids, see the module docstring); it must be re-iterable (a DataLoader, a list)
     or a zero-argument callable returning a fresh iterable when some metric needs several passes.
     Images are moved to the model's device.
     """
+    check_unique_names(metrics)
     device = next(unwrap_model(model).parameters()).device
     for pass_index in range(max((metric.num_passes for metric in metrics), default=0)):
         active = [metric for metric in metrics if pass_index < metric.num_passes]

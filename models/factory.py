@@ -13,6 +13,7 @@ from typing import Any
 
 import timm
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -44,6 +45,11 @@ def create_vit(name: str, variant: dict[str, Any] | None = None, *, pretrained: 
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
             raise VariantError(f"model.name = {name!r} is not a timm model (e.g. {', '.join(close)})") from None
         raise
+    except EntryNotFoundError:
+        raise VariantError(
+            f"model.pretrained: the weights of {name!r} are not in the local Hugging Face cache and the hub "
+            "cannot be reached; download them once where there is network (timm.create_model(name, "
+            "pretrained=True)), or pass a weights file as model.checkpoint") from None
     apply_variant(model, **variant, rescale=not pretrained)
     model.depthlab_spec = {"name": name, "kwargs": dict(kwargs), "variant": variant}
     return model
@@ -61,17 +67,20 @@ def model_kwargs_from_recipe(model_cfg: Any) -> dict[str, Any]:
     return kwargs
 
 
-def create_vit_from_recipe(recipe: Any, device: torch.device | str | None = None) -> nn.Module:
-    """The model a recipe describes, its variant applied. `device="meta"` allocates no weights."""
+def create_vit_from_recipe(recipe: Any, device: torch.device | str | None = None,
+                           pretrained: bool | None = None) -> nn.Module:
+    """The model a recipe describes, its variant applied. `device="meta"` allocates no weights;
+    `pretrained=False` skips loading timm weights (e.g. to count parameters)."""
+    pretrained = recipe.model.pretrained if pretrained is None else pretrained
     kwargs = model_kwargs_from_recipe(recipe.model)
     variant = dict(vars(recipe.variant))
     if variant["kind"] == "thin_mlp" and recipe.model.mlp_ratio is not None:
         raise VariantError("variant.kind = 'thin_mlp' sets mlp_ratio from variant.thin_mlp_ratio; "
                            f"remove model.mlp_ratio = {recipe.model.mlp_ratio}")
     if device is None:
-        return create_vit(recipe.model.name, variant, pretrained=recipe.model.pretrained, **kwargs)
+        return create_vit(recipe.model.name, variant, pretrained=pretrained, **kwargs)
     with torch.device(device):
-        return create_vit(recipe.model.name, variant, pretrained=recipe.model.pretrained, **kwargs)
+        return create_vit(recipe.model.name, variant, pretrained=pretrained, **kwargs)
 
 
 def spec_of(model: nn.Module) -> dict[str, Any]:

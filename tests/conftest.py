@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo_digits.yaml"
+
+# CI must be reproducible: the same examples on every run, no wall-clock deadlines on slow machines.
+# HYPOTHESIS_PROFILE=explore draws fresh random examples.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Shrinks any recipe to a seconds-long CPU run on random tensors.
 TINY_OVERRIDES = [

@@ -1,9 +1,11 @@
 """Data pipeline: sources, transforms, Mixup, samplers, per-sample seeding, bad data, probe set."""
 
 import copy
+import os
 import pickle
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -414,3 +416,29 @@ def test_loader_workers_leave_preemption_signals_to_the_main_process():
     os.kill(worker.pid, signal.SIGINT)
     assert sum(1 for _ in iterator) == bundle.steps_per_epoch - 1  # the epoch completes
     assert worker.exitcode in (None, 0)
+
+
+def test_a_process_that_exits_with_live_loader_workers_does_not_hang(tmp_path):
+    """Persistent workers still referenced at interpreter exit get multiprocessing's SIGTERM and
+    must honour it then; ignoring it would leave the exit joining them forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "leak_workers.py"
+    script.write_text(textwrap.dedent("""
+        from tests.test_data import build_data, make_recipe
+        recipe = make_recipe(data={"source": "synthetic", "num_workers": 2, "synthetic_train_size": 64},
+                             train={"batch_size": 8})
+        bundle = build_data(recipe)
+        bundle.train_sampler.set_epoch(0)
+        LEAKED = iter(bundle.train_loader)
+        next(LEAKED)
+        assert all(w.is_alive() for w in LEAKED._workers)
+        print("workers alive at exit", flush=True)
+    """))
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert "workers alive at exit" in done.stdout

@@ -228,3 +228,14 @@ def test_grouped_mlp_refuses_pretrained_weights():
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(VariantError, match="not a timm model"):
         create_vit("vit_bsae_patch16_224")
+
+
+def test_pretrained_weights_missing_from_the_cache_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(VariantError, match="not in the local Hugging Face cache"):
+        create_vit("vit_tiny_patch16_224", pretrained=True, **TINY)

@@ -96,4 +96,4 @@ def test_refuses_to_clobber_a_run_dir_with_a_different_recipe(tmp_path, capsys):
         sweep.main([str(path), "--dry-run"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"run dir {run_dir} holds a different recipe" in err and f"optim.lr: saved 0.5 != sweep {load_recipe(BASE).optim.lr!r}" in err
+    assert f"run dir {run_dir} holds a different recipe" in err and f"(saved -> sweep: optim.lr: 0.5 -> {load_recipe(BASE).optim.lr!r})" in err

@@ -87,3 +87,12 @@ def test_warmup_longer_than_run_is_refused():
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
     with pytest.raises(RecipeError, match="warm-up"):
         build_scheduler(opt, ScheduleConfig(epochs=1, warmup_epochs=2), updates_per_epoch=5)
+
+
+def test_empty_trainable_patterns_train_everything_again():
+    model = create_vit("vit_tiny_patch16_224", **TINY)
+    apply_trainable_patterns(model, ["head.*"])
+    assert not model.blocks[0].attn.qkv.weight.requires_grad
+    names = apply_trainable_patterns(model, [])
+    assert all(p.requires_grad for p in model.parameters())
+    assert names == [n for n, _ in model.named_parameters()]

@@ -36,7 +36,7 @@ def _build(entry: str, device: str | torch.device) -> tuple[str, torch.nn.Module
     """(display name, model, image size) for a recipe path or a timm model name."""
     if entry.endswith((".yaml", ".yml")) or Path(entry).is_file():
         recipe = load_recipe(entry)
-        return Path(entry).stem, create_vit_from_recipe(recipe, device=device), recipe.model.img_size
+        return Path(entry).stem, create_vit_from_recipe(recipe, device=device, pretrained=False), recipe.model.img_size
     with torch.device(device):
         model = create_vit(entry)
     return entry, model, model.patch_embed.img_size[0]

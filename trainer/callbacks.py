@@ -1,8 +1,10 @@
-"""Callbacks: how logging, checkpointing and (later) diagnostics plug into the loop.
+"""Callbacks: how logging, checkpointing and diagnostics plug into the loop.
 
-A callback implements any of five hooks, each receiving the `TrainContext`:
+A callback implements any of six hooks, each receiving the `TrainContext`:
 
     on_train_start(ctx)                    after model/optimizer/EMA are built and a resume restored
+    on_before_optimizer_step(ctx)          gradients complete and unscaled, before the optimizer step
+                                           (ctx.step is still the previous update's number)
     on_step_end(ctx, record)               after every optimizer update (and its evaluation, if one ran)
     on_evaluate(ctx, metrics)              after an evaluation: {"top1", "top5", "top1_ema", "top5_ema"}
     on_checkpoint(ctx, path, tags)         after a checkpoint is complete on disk
@@ -93,6 +95,8 @@ class Callback:
 
     def on_train_start(self, ctx: TrainContext) -> None: ...
 
+    def on_before_optimizer_step(self, ctx: TrainContext) -> None: ...
+
     def on_step_end(self, ctx: TrainContext, record: StepRecord) -> None: ...
 
     def on_evaluate(self, ctx: TrainContext, metrics: dict[str, float]) -> None: ...
@@ -111,6 +115,10 @@ class CallbackList(Callback):
     def on_train_start(self, ctx: TrainContext) -> None:
         for cb in self.callbacks:
             cb.on_train_start(ctx)
+
+    def on_before_optimizer_step(self, ctx: TrainContext) -> None:
+        for cb in self.callbacks:
+            cb.on_before_optimizer_step(ctx)
 
     def on_step_end(self, ctx: TrainContext, record: StepRecord) -> None:
         for cb in self.callbacks:
@@ -142,6 +150,9 @@ def build_callbacks(recipe: Recipe, extra: Iterable[Callback] = ()) -> CallbackL
     from trainer.tracking import LoggingCallback
 
     callbacks: list[Callback] = [LoggingCallback(recipe), CheckpointCallback(recipe)]
-    # diagnostics: the depth-dynamics metrics callback (recipe.diagnostics.enabled) is assembled here.
+    if recipe.diagnostics.enabled:  # after checkpointing: it measures the weights a checkpoint just saved
+        from diagnostics.callback import DiagnosticsCallback
+
+        callbacks.append(DiagnosticsCallback(recipe))
     callbacks.extend(extra)
     return CallbackList(callbacks)

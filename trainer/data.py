@@ -25,7 +25,9 @@ included) has replaced so far, train and eval together; sum it over ranks to log
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator
@@ -173,15 +175,30 @@ def preserved_rngs() -> Iterator[None]:
         torch.random.set_rng_state(saved[2])
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGINT to the main process.
+class LeaveStopSignalsToMainProcess:
+    """`worker_init_fn`: loader workers ignore Ctrl-C, and SIGTERM until the main process exits.
 
     Slurm preemption and Ctrl-C signal the whole process group; a worker that died of it would
-    crash the main process mid-step instead of letting it finish the step and save.
+    crash the main process mid-step instead of letting it finish the step and save. But
+    multiprocessing's exit hook SIGTERMs and then joins every live worker (persistent loaders
+    still referenced when the interpreter exits), so an unconditional SIG_IGN would hang the exit
+    forever. The main process therefore sets a shared flag at exit, and a worker honours SIGTERM
+    once it is set (exit code 0, so torch does not report a failed worker).
     """
-    del worker_id
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __init__(self) -> None:
+        self.main_process_exiting = multiprocessing.Event()
+        # Registered after multiprocessing's own exit hook (imported by Event), so it runs first.
+        atexit.register(self.main_process_exiting.set)
+
+    def __call__(self, worker_id: int) -> None:
+        del worker_id
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.main_process_exiting.is_set():
+            os._exit(0)
 
 
 # --- datasets ---------------------------------------------------------------------------------------
@@ -296,13 +313,15 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
                         f"(train.batch_size = {t.batch_size} x {num_processes} processes)")
     eval_sampler = ShardedEvalSampler(len(eval_set), num_processes, process_index)
 
+    worker_init_fn = LeaveStopSignalsToMainProcess() if d.num_workers > 0 else None
+
     def loader(dataset: Dataset, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=d.num_workers,
             pin_memory=d.pin_memory and torch.cuda.is_available(), persistent_workers=d.num_workers > 0,
             # Own generator: the loader draws its worker base seed from it, not from the global RNG.
             generator=torch.Generator().manual_seed(t.seed * 7919 + process_index),
-            worker_init_fn=ignore_stop_signals if d.num_workers > 0 else None)
+            worker_init_fn=worker_init_fn)
 
     return DataBundle(
         train_loader=loader(train_set, train_sampler, t.batch_size, True),

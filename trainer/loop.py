@@ -1,10 +1,10 @@
 """The training loop: epochs of optimizer updates, evaluation, callbacks, stopping.
 
 Per update (grad_accum_steps micro-batches, see trainer/step.py): forward/backward -> one
-all-reduce of [loss, stop flag] -> skip the update if the loss is not finite -> clip -> step ->
-schedule -> EMA. Then: evaluate if due -> callbacks (logging, checkpointing, yours) -> stop on
-preemption or max_steps. Evaluation runs before the step's callbacks, so a checkpoint written
-at that step already holds its result.
+all-reduce of [loss, stop flag] -> skip the update if the loss is not finite -> clip ->
+callbacks' on_before_optimizer_step -> step -> schedule -> EMA. Then: evaluate if due ->
+callbacks (logging, checkpointing, yours) -> stop on preemption or max_steps. Evaluation runs
+before the step's callbacks, so a checkpoint written at that step already holds its result.
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: I
     status, stop_signal = "max_steps", None
     t.callbacks.on_train_start(ctx)
 
+    def before_optimizer_step() -> None:
+        t.callbacks.on_before_optimizer_step(ctx)
+
     with StopRequest() as stop:
         t.parts.model.train()
         while state.epoch < epochs and state.step < t.stop_at and stop_signal is None:
@@ -84,7 +87,8 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: I
                 if not t.updater.micro_batch(images, targets):
                     continue
                 log_step = (state.step + 1) % recipe.logging.every_steps == 0
-                out = t.updater.finish(state.step, stop.requested, want_grad_norm=log_step)
+                out = t.updater.finish(state.step, stop.requested, want_grad_norm=log_step,
+                                       before_optimizer_step=before_optimizer_step)
                 if out.skipped:
                     _skip_or_stop(t, out.loss, f"step {state.step + 1} (epoch {epoch + 1}, batch {micro + 1})")
                 else:

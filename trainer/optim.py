@@ -49,15 +49,13 @@ def apply_trainable_patterns(model: nn.Module, patterns: list[str]) -> list[str]
     (a typo would otherwise silently freeze the whole model).
     """
     names = [name for name, _ in model.named_parameters()]
-    if not patterns:
-        return names
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise RecipeError(f"optim.trainable: pattern {pattern!r} matches no parameter "
                               f"(names look like {names[0]!r}, {names[-1]!r})")
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+        param.requires_grad_(not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns))
         if param.requires_grad:
             trainable.append(name)
     return trainable

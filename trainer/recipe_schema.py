@@ -154,6 +154,8 @@ class EvalConfig:
     every_steps: int | None = knob(None, min=1, help="evaluate every N optimizer steps")
     batch_size: int = knob(256, min=1, help="per-process evaluation batch size")
     ema: bool = knob(True, help="also evaluate the EMA weights")
+    pe_scale: float = knob(1.0, min=0, help="--eval-only: evaluate with patch_embed + pe_scale * pos_embed "
+                                            "(science.md §1 PE-scale experiment); training needs 1.0")
 
 
 @dataclass
@@ -174,24 +176,44 @@ class LoggingConfig:
 
 @dataclass
 class DiagnosticsConfig:
+    """Depth-dynamics diagnostics (diagnostics/callback.py); every OPEN choice of science.md is a knob."""
+
     enabled: bool = knob(False, help="run the depth-dynamics metrics callback")
-    at_checkpoints: bool = knob(True, help="run at every checkpoint")
+    at_checkpoints: bool = knob(True, help="run at every periodic, final and stopped checkpoint (not at best-only "
+                                           "or preemption saves)")
     every_steps: int | None = knob(None, min=1, help="also run every N optimizer steps")
     metrics: list[str] = knob(list(DIAGNOSTIC_METRICS), choices=DIAGNOSTIC_METRICS, help="metrics to compute")
+    model: Literal["raw", "ema", "both"] = knob("raw", help="which weights are probed (ema needs train.ema_decay)")
+    tensorboard_images: bool = knob(True, help="log stage x step heatmaps and the phase curve as images")
     probe_size: int = knob(512, min=2, help="images in the fixed probe set (a seeded subset of the eval split)")
     probe_batch_size: int = knob(64, min=1, help="per-process batch size on the probe set")
     probe_seed: int = knob(0, help="seed choosing the probe images")
     include_cls: bool = knob(False, help="OPEN: include the CLS token in token similarity")
     phase_tau_floor: float = knob(0.005, min=0, help="OPEN: phase detection tolerance floor")
     phase_tau_fraction: float = knob(0.1, min=0, help="OPEN: tolerance as a fraction of the S_c range")
+    phase_tau_scales: list[float] = knob([0.5, 1.0, 2.0], min=0, min_exclusive=True,
+                                         help="OPEN: tau multipliers of the reported tau-sensitivity")
+    phase_include_norm: bool = knob(False, help="OPEN: the final norm stage belongs to the phase curve")
     isi_variant: Literal["nested", "literal"] = knob("nested", help="OPEN: all-to-all regression form")
     isi_pca_rank: int = knob(256, min=1, help="OPEN: nested ISI, rank of the whole-token-set projection")
+    isi_pca_oversample: int = knob(16, min=0, help="nested ISI: extra columns of the randomized range finder")
+    isi_pca_power_iterations: int = knob(1, min=0, help="nested ISI: power passes of the range finder")
     isi_holdout_fraction: float = knob(0.2, min=0, max=1, min_exclusive=True,
-                                       help="OPEN: fraction of probe images held out for scoring")
-    isi_seed: int = knob(0, help="seed of the ISI train/held-out split")
+                                       help="OPEN: fraction of probe images held out for scoring (< 1)")
+    isi_validation_fraction: float = knob(0.2, min=0, max=1, min_exclusive=True,
+                                          help="OPEN: fraction of the training images choosing the ridge (< 1)")
+    isi_ridge_grid: list[float] = knob([10.0 ** k for k in range(-6, 3)], min=0, min_exclusive=True,
+                                       help="OPEN: ridge multipliers c of tr(XtX)/p tried")
+    isi_seed: int = knob(0, help="seed of the ISI fit/validation/held-out split")
+    isi_stages: list[str] = knob([], help="stages scored by ISI (embed, pe, block_<i>, norm); empty = all")
+    isi_memory_budget_gb: float | None = knob(
+        32.0, min=0, min_exclusive=True,
+        help="ISI device memory budget (GiB): stages run in groups that fit; null = all stages at once")
     nc_all_stages: bool = knob(True, help="neural collapse at every stage (else final norm only)")
     plasticity_mode: Literal["paper", "in_situ"] = knob("paper", help="OPEN: component inputs for plasticity")
-    plasticity_pairs: int = knob(128, min=1, help="image pairs averaged for plasticity")
+    plasticity_pairs: int = knob(128, min=1, help="image pairs (drawn from the probe set) averaged for plasticity")
+    plasticity_seed: int = knob(0, help="seed drawing the plasticity pairs")
+    grad_norm_every_steps: int = knob(50, min=1, help="grad_norms: log per-component gradient norms every N steps")
 
 
 @dataclass

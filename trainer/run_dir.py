@@ -3,6 +3,7 @@
     <run>/recipe.yaml        resolved recipe (trainer.recipe.save_recipe)
     <run>/summary.json       final / best accuracies, params, MACs, throughput, wall time
     <run>/metrics.jsonl      one JSON object per logged step and per evaluation
+    <run>/diagnostics.jsonl  one JSON object per diagnostics evaluation (diagnostics/records.py)
     <run>/checkpoints/       step_XXXXXXXX/ (see trainer/checkpoint.py), `last` and `best` links
     <run>/tb/                TensorBoard events
 """
@@ -45,6 +46,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.root / "diagnostics.jsonl"
 
     @property
     def checkpoints(self) -> Path:
@@ -120,11 +125,21 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, resume_from: Path | None, is_ma
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop records logged after `after_step` (they belong to the part of the run being redone)."""
+    """Drop records logged after `after_step` (they belong to the part of the run being redone).
+
+    Used for metrics.jsonl at resume, and by the diagnostics callback for diagnostics.jsonl. A last
+    line cut off by a kill mid-append is dropped too.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

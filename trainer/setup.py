@@ -25,6 +25,7 @@ from trainer.checkpoint import remove_incomplete
 from trainer.data import build_data
 from trainer.distributed import build_accelerator
 from trainer.ema import ParameterEma
+from trainer.init_weights import load_initial_weights
 from trainer.optim import BatchGeometry, apply_trainable_patterns, build_optimizer, build_scheduler, scaled_lr
 from trainer.recipe import RecipeError, flatten_recipe
 from trainer.recipe_schema import Recipe
@@ -36,6 +37,8 @@ from trainer.tracking import Tracker
 
 def build_model(recipe: Recipe) -> nn.Module:
     model = create_vit_from_recipe(recipe)
+    if recipe.model.checkpoint:  # finetuning: start from trained weights (a resume then overrides them)
+        load_initial_weights(model, recipe.model.checkpoint)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

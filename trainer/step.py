@@ -9,6 +9,7 @@ process was asked to stop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,9 @@ class UpdateStep:
         self.micro_batches += 1
         return self.accelerator.sync_gradients
 
-    def finish(self, updates_done: int, stop_requested: bool = False, want_grad_norm: bool = False) -> UpdateOutcome:
+    def finish(self, updates_done: int, stop_requested: bool = False, want_grad_norm: bool = False,
+               before_optimizer_step: Callable[[], None] | None = None) -> UpdateOutcome:
+        """Apply the update; `before_optimizer_step` runs on the complete, unscaled gradients."""
         flags = torch.stack([self.window_loss / self.micro_batches,
                              torch.tensor(float(stop_requested), device=self.device)])
         loss, stop_flag = self.accelerator.reduce(flags, reduction="mean").tolist()
@@ -63,6 +66,10 @@ class UpdateStep:
             if self.clip_grad_norm or want_grad_norm:
                 norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm or math.inf)
                 grad_norm = float(norm) if norm is not None else None
+            elif before_optimizer_step is not None:
+                self.accelerator.unscale_gradients()  # fp16: what optimizer.step() would do first; else a no-op
+            if before_optimizer_step is not None:
+                before_optimizer_step()
             self.optimizer.step()
             self.scheduler.step_update(updates_done + 1)
             if self.ema is not None:

@@ -34,7 +34,7 @@ def accuracy_summary(evals: list[dict], suffix: str = "") -> dict[str, Any] | No
 
 def model_cost(recipe: Recipe) -> dict[str, int]:
     """Unique parameters and MACs per image, counted on a meta-device copy (no weights allocated)."""
-    profile = profile_model(create_vit_from_recipe(recipe, device="meta"))
+    profile = profile_model(create_vit_from_recipe(recipe, device="meta", pretrained=False))
     return {"params": profile.params, "macs_linear": profile.macs_linear, "macs_total": profile.macs_total}
 
 

@@ -4,6 +4,8 @@
         [--output DIR] [--resume auto|PATH]
     python trainer/train.py --recipe recipes/demo_digits.yaml          # one process
     python trainer/train.py --recipe recipes/vit_b.yaml --print-recipe # resolved recipe, no training
+    python trainer/train.py --recipe R.yaml --eval-only --set model.checkpoint=PATH [eval.pe_scale=0.5]
+                                                                       # score a trained model (no training)
 
 Exit codes: 0 finished or preempted (a checkpoint was saved; the message says how to resume),
 1 stopped on a non-finite loss, 2 bad input (recipe, path, data, run dir).
@@ -23,7 +25,7 @@ if __package__ in (None, ""):  # `python trainer/train.py` from a checkout
 from trainer.checkpoint import CheckpointError
 from trainer.cli import add_recipe_arguments, exit_on_user_error, load_recipe_from_args, register_user_error
 from trainer.data import DataError
-from trainer.recipe import dump_recipe
+from trainer.recipe import RecipeError, dump_recipe
 
 register_user_error(DataError, CheckpointError)
 
@@ -36,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", metavar="DIR", help="run directory (default: train.output_dir or runs/<recipe>)")
     p.add_argument("--resume", metavar="auto|PATH", help="resume from the newest checkpoint (auto) or PATH")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate model.checkpoint (at eval.pe_scale) instead of training; see trainer/evaluate_only.py")
     return p.parse_args(argv)
 
 
@@ -70,6 +74,19 @@ def report(result, args: argparse.Namespace, accelerator_state) -> None:
     print(f"run dir: {run_dir}\nTensorBoard logs: {tb}\n  tensorboard --logdir {shlex.quote(str(tb))}")
 
 
+def evaluate_only(recipe, run_dir: Path) -> None:
+    from accelerate import PartialState
+
+    from trainer.evaluate_only import evaluate_checkpoint
+
+    result = evaluate_checkpoint(recipe, run_dir)
+    if PartialState().is_main_process:
+        m, phases = result.metrics, result.phases
+        cliff = "n/a" if phases["cliff_size"] is None else f"{phases['cliff_size']:.4f}"
+        print(f"evaluated {result.checkpoint} with pe_scale {result.pe_scale:g}: top1 {m['top1']:.2f}  "
+              f"top5 {m['top5']:.2f}  cliff_size {cliff} (cliff_end {phases['cliff_end']})\nrun dir: {run_dir}")
+
+
 def _num_machines() -> int:
     return int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NUM_MACHINES", "1")))
 
@@ -83,10 +100,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     from accelerate import PartialState
 
-    from trainer.loop import NonFiniteLossError, train
     from trainer.run_dir import default_run_dir
 
     run_dir = default_run_dir(recipe, args.recipe, args.output)
+    if args.eval_only:
+        evaluate_only(recipe, run_dir)
+        return
+    if recipe.eval.pe_scale != 1.0:
+        raise RecipeError(f"eval.pe_scale = {recipe.eval.pe_scale}: a scaled position embedding is an "
+                          "evaluation-only experiment; add --eval-only (training evaluates at 1.0)")
+    from trainer.loop import NonFiniteLossError, train
+
     try:
         result = train(recipe, run_dir, resume=args.resume)
     except NonFiniteLossError as e:

@@ -1,0 +1,241 @@
+"""Figures of diagnostics records, shared by the training callback (TensorBoard images),
+tools/analyze.py and tools/report.py.
+
+Every curve figure takes `series`, a list of (label, record) pairs in the diagnostics.jsonl
+layout (diagnostics/records.py), and overlays them: one colour per record. The x axis is the
+stage index of each record (0 = embed, 1 = pe, k + 1 = block_k, last = norm), so block numbers
+line up across models of different depth. Figures are `matplotlib.figure.Figure` objects built
+without pyplot (no global state, any backend); `figure_to_rgb` renders one for TensorBoard and
+`save_figure` writes a PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from diagnostics.records import phase_indices, quantity, stage_step_matrix
+
+Series = Sequence[tuple[str, Mapping[str, Any]]]
+MAX_STAGE_TICKS = 16
+MAX_STEP_TICKS = 8
+
+
+def new_figure(panels: int = 1, *, width: float = 6.4, height: float = 3.6, dpi: int = 100,
+               columns: int | None = None) -> tuple[Figure, list[Any]]:
+    """A figure with `panels` axes in a grid (at most 2 columns by default); fixed margins (cheap to draw)."""
+    columns = columns or min(panels, 2)
+    rows = -(-panels // columns)
+    figure = Figure(figsize=(width * columns, height * rows), dpi=dpi)
+    figure.subplots_adjust(left=0.1 / columns ** 0.5, right=0.97, bottom=0.2 / rows ** 0.5, top=0.9,
+                           wspace=0.25, hspace=0.5)
+    axes = [figure.add_subplot(rows, columns, index + 1) for index in range(panels)]
+    return figure, axes
+
+
+def figure_to_rgb(figure: Figure) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of a figure."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure).print_png(str(path))
+    return path
+
+
+def _values(record: Mapping[str, Any], metric: str, key: str, log: bool = False) -> np.ndarray | None:
+    values = quantity(record, metric, key)
+    if values is None:
+        return None
+    array = np.array([np.nan if v is None else v for v in values], dtype=float)
+    if log:
+        array = np.where(array > 0, array, np.nan)
+    return array
+
+
+def _stage_axis(ax: Any, series: Series) -> None:
+    stages = max((record["stages"] for _, record in series), key=len)
+    step = -(-len(stages) // MAX_STAGE_TICKS)
+    ticks = list(range(0, len(stages), step))
+    ax.set_xticks(ticks, [stages[i] for i in ticks], rotation=45, ha="right", fontsize=8)
+    if len({len(record["stages"]) for _, record in series}) > 1:
+        ax.set_xlabel("stage (last point of each curve: norm)", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _curve_panel(ax: Any, series: Series, metric: str, key: str, title: str, log: bool = False) -> bool:
+    """One quantity of every record on `ax`; False when no record has it."""
+    drawn = False
+    for index, (label, record) in enumerate(series):
+        values = _values(record, metric, key, log)
+        if values is None or np.isnan(values).all():
+            continue
+        ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=label)
+        drawn = True
+    ax.set_title(title, fontsize=10)
+    if log and drawn:
+        ax.set_yscale("log")
+    _stage_axis(ax, series)
+    return drawn
+
+
+def _legend(figure: Figure, axes: list[Any], series: Series) -> None:
+    if len(series) > 1 or series[0][0]:
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            figure.legend(handles, labels, loc="upper right", fontsize=8, ncols=min(len(handles), 4))
+
+
+def _mark_phases(ax: Any, record: Mapping[str, Any], color: str, first: bool) -> None:
+    marks = phase_indices(record)
+    if marks["plateau_start"] is not None:
+        ax.axvspan(marks["plateau_start"] - 0.2, marks["plateau_end"] + 0.2, color=color, alpha=0.12,
+                   label="plateau" if first else None)
+    if marks["cliff_end"] is not None:
+        ax.axvline(marks["cliff_end"], color=color, linestyle=":", label="cliff end" if first else None)
+    if marks["climb_start"] is not None:
+        ax.axvline(marks["climb_start"], color=color, linestyle="--", label="climb start" if first else None)
+
+
+def phase_curve_figure(series: Series, *, dpi: int = 100) -> Figure:
+    """Centered token similarity with the detected cliff end, plateau and climb start; raw similarity."""
+    figure, (centered, raw) = new_figure(2, dpi=dpi)
+    _curve_panel(centered, series, "token_similarity", "centered", "centered token similarity S_c")
+    for index, (_, record) in enumerate(series):
+        _mark_phases(centered, record, f"C{index}", first=index == 0)
+    centered.axhline(0, color="grey", linewidth=0.6)
+    centered.legend(fontsize=7, loc="best")
+    _curve_panel(raw, series, "token_similarity", "raw", "raw token similarity S")
+    _legend(figure, [raw], series)
+    return figure
+
+
+def isi_figure(series: Series, *, dpi: int = 100) -> Figure:
+    figure, axes = new_figure(2, dpi=dpi)
+    _curve_panel(axes[0], series, "isi", "isi", "information scrambling index ISI = R²_all − R²_self")
+    axes[0].axhline(0, color="grey", linewidth=0.6)
+    for index, (label, record) in enumerate(series):
+        for key, style in (("r2_self", "-"), ("r2_all", "--")):
+            values = _values(record, "isi", key)
+            if values is not None:
+                axes[1].plot(np.arange(len(values)), values, style, marker="o", markersize=3, color=f"C{index}",
+                             label=f"{label} {key}".strip() if index == 0 or key == "r2_self" else None)
+    axes[1].set_title("held-out R² (solid: self-only, dashed: all tokens)", fontsize=10)
+    _stage_axis(axes[1], series)
+    _legend(figure, axes, series)
+    return figure
+
+
+ATTENTION_PANELS = (("cls_centrality_ratio", "CLS centrality × tokens (1 = uniform)"),
+                    ("consensus", "attention consensus ACI"),
+                    ("entropy_normalized", "attention entropy / log T"),
+                    ("mean_distance", "mean attention distance (patches)"))
+
+
+def attention_figure(series: Series, *, dpi: int = 100) -> Figure:
+    figure, axes = new_figure(len(ATTENTION_PANELS), dpi=dpi)
+    for ax, (key, title) in zip(axes, ATTENTION_PANELS):
+        _curve_panel(ax, series, "attention", key, title)
+    _legend(figure, axes, series)
+    return figure
+
+
+NC_STAGE_PANELS = (("nc1", "NC1 tr(Σ_W Σ_B⁺)/C (log)", True), ("nc2_etf_gap", "NC2 distance to a simplex ETF", False),
+                   ("nc2_equinorm_cv", "NC2 equinorm CV", False))
+NC_FINAL_KEYS = ("nc3_self_duality", "nc4_ncc_mismatch", "logit_margin")
+
+
+def neural_collapse_figure(series: Series, *, dpi: int = 100) -> Figure:
+    """NC1/NC2 per stage, and the head-dependent NC3, NC4 and logit margin at `norm` as bars."""
+    figure, axes = new_figure(4, dpi=dpi)
+    for ax, (key, title, log) in zip(axes, NC_STAGE_PANELS):
+        _curve_panel(ax, series, "neural_collapse", key, title, log=log)
+    bars = axes[3]
+    width = 0.8 / len(series)
+    for index, (label, record) in enumerate(series):
+        final = {key: (_values(record, "neural_collapse", key) if "neural_collapse" in record else None)
+                 for key in NC_FINAL_KEYS}
+        heights = [values[-1] if values is not None else np.nan for values in final.values()]
+        drawn = bars.bar(np.arange(len(NC_FINAL_KEYS)) + index * width, heights, width, color=f"C{index}",
+                         label=label)
+        bars.bar_label(drawn, fmt="%.3g", fontsize=7)
+    bars.set_xticks(np.arange(len(NC_FINAL_KEYS)) + 0.4 - width / 2, NC_FINAL_KEYS, fontsize=8)
+    bars.set_title("at norm (head): NC3, NC4, logit margin", fontsize=10)
+    bars.grid(alpha=0.3, axis="y")
+    _legend(figure, axes, series)
+    return figure
+
+
+def plasticity_figure(series: Series, *, dpi: int = 100) -> Figure:
+    """One model: its five components together; several: one panel per component."""
+    components = [key for key in ("MHA", "FC1", "FC2", "LN2", "LN1")
+                  if any(quantity(record, "plasticity", key) is not None for _, record in series)]
+    if len(series) == 1:
+        figure, (ax,) = new_figure(1, dpi=dpi)
+        label, record = series[0]
+        for index, key in enumerate(components):
+            values = _values(record, "plasticity", key)
+            ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=key)
+        ax.set_title("plasticity ‖f(X) − f(Y)‖ / ‖X − Y‖ per component" + (f" ({label})" if label else ""),
+                     fontsize=10)
+        ax.set_yscale("log")
+        _stage_axis(ax, series)
+        ax.legend(fontsize=8)
+        return figure
+    figure, axes = new_figure(len(components), dpi=dpi)
+    for ax, key in zip(axes, components):
+        _curve_panel(ax, series, "plasticity", key, f"plasticity {key}", log=True)
+    _legend(figure, axes, series)
+    return figure
+
+
+# name -> (metric the record needs, figure function): the PNGs tools/analyze.py writes
+ANALYSIS_FIGURES: dict[str, tuple[str, Callable[..., Figure]]] = {
+    "phase_curves": ("token_similarity", phase_curve_figure),
+    "isi": ("isi", isi_figure),
+    "attention": ("attention", attention_figure),
+    "neural_collapse": ("neural_collapse", neural_collapse_figure),
+    "plasticity": ("plasticity", plasticity_figure),
+}
+
+
+def analysis_figures(series: Series, *, dpi: int = 100) -> dict[str, Figure]:
+    """Every figure some record of `series` has data for, by name."""
+    return {name: make(series, dpi=dpi) for name, (metric, make) in ANALYSIS_FIGURES.items()
+            if any(metric in record for _, record in series)}
+
+
+def stage_step_heatmap(records: Sequence[Mapping[str, Any]], metric: str, key: str, title: str, *,
+                       log: bool = False, dpi: int = 80) -> Figure | None:
+    """Stage (rows, embed at the bottom) × training step (columns) of one quantity over one run's records."""
+    stages, steps, matrix = stage_step_matrix(records, metric, key)
+    if not steps:
+        return None
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    if log:
+        values = np.log10(np.where(values > 0, values, np.nan))
+        title = f"log10 {title}"
+    figure, (ax,) = new_figure(1, width=6.4, height=4.0, dpi=dpi)
+    figure.subplots_adjust(left=0.16, right=0.88, bottom=0.14)  # room for the colorbar's tick labels
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", origin="lower", interpolation="nearest",
+                      cmap="viridis")
+    stage_step = -(-len(stages) // MAX_STAGE_TICKS)
+    rows = list(range(0, len(stages), stage_step))
+    ax.set_yticks(rows, [stages[i] for i in rows], fontsize=7)
+    column_step = -(-len(steps) // MAX_STEP_TICKS)
+    columns = list(range(0, len(steps), column_step))
+    ax.set_xticks(columns, [str(steps[i]) for i in columns], fontsize=7)
+    ax.set_xlabel("training step", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    colorbar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    colorbar.ax.tick_params(labelsize=7)
+    return figure

@@ -1,0 +1,163 @@
+"""TensorBoard tags, scalars, custom-scalars layout and images of diagnostics records.
+
+Tags (P = `depth` for the raw weights, `depth_ema` for the EMA weights):
+
+    P/<quantity>/<stage>       one scalar per stage: embed, pe, block_01 .. block_L, norm (block numbers
+                               zero-padded to at least two digits, so they sort)
+    P/<family>/<summary>       per-evaluation summaries (see `summary_scalars`)
+    P/heatmap/<quantity>       image: stage x training step, rebuilt from all records so far
+    P/phase_curve              image: the current S_c curve with the detected boundaries
+
+A quantity is `<family>_<key>`, without repeating a family the key already starts with:
+
+    token_sim_raw  token_sim_centered  isi  isi_r2_self  isi_r2_all  attn_cls_centrality
+    attn_cls_centrality_ratio  attn_consensus  attn_entropy  attn_entropy_normalized
+    attn_mean_distance  nc1  nc2_etf_gap  nc2_equinorm_cv  nc3_self_duality  nc4_ncc_mismatch
+    nc_logit_margin  plasticity_{LN1,MHA,LN2,FC1,FC2}  grad_norm_{LN1,MHA,LN2,FC1,FC2}
+
+(grad_norm_* are training-time gradients of the raw weights, always under `depth/`.) The
+custom-scalars layout puts every quantity's stages in one multi-line chart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from diagnostics.grad_norms import GRAD_COMPONENTS
+from diagnostics.records import PER_STAGE_KEYS, phase_indices, quantity
+
+FAMILIES = {"token_similarity": "token_sim", "isi": "isi", "attention": "attn", "neural_collapse": "nc",
+            "plasticity": "plasticity", "grad_norms": "grad_norm"}
+# (metric, key, log scale) of the stage x step heatmaps
+HEATMAPS = (("token_similarity", "centered", False), ("isi", "isi", False),
+            ("attention", "cls_centrality_ratio", False), ("attention", "consensus", False),
+            ("neural_collapse", "nc1", True), ("plasticity", "MHA", False))
+PHASE_SUMMARIES = ("plateau_length", "cliff_size", "tau", "plateau_median")
+STAGE_REGEX = r"(embed|pe|block_\d+|norm)$"  # per-stage tags only (`depth/isi/max` is a summary)
+
+
+def tag_prefix(model: str) -> str:
+    return "depth" if model == "raw" else f"depth_{model}"
+
+
+def quantity_name(metric: str, key: str) -> str:
+    family = FAMILIES[metric]
+    return key if key.startswith(family) else f"{family}_{key}"
+
+
+def stage_tag(stage: str, num_blocks: int) -> str:
+    """`block_7` -> `block_07` (width max(2, digits of the depth)); other stages unchanged."""
+    if not stage.startswith("block_"):
+        return stage
+    return f"block_{int(stage[6:]):0{max(2, len(str(num_blocks)))}d}"
+
+
+def _num_blocks(stages: Sequence[str]) -> int:
+    return sum(stage.startswith("block_") for stage in stages)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def stage_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """`P/<quantity>/<stage>` for every recorded per-stage value (grad norms excluded)."""
+    prefix, stages = tag_prefix(record["model"]), record["stages"]
+    blocks = _num_blocks(stages)
+    scalars = {}
+    for metric, keys in PER_STAGE_KEYS.items():
+        for key in keys:
+            values = quantity(record, metric, key) or []
+            for stage, value in zip(stages, values):
+                if _finite(value):
+                    scalars[f"{prefix}/{quantity_name(metric, key)}/{stage_tag(stage, blocks)}"] = float(value)
+    return scalars
+
+
+def _block_values(record: Mapping[str, Any], metric: str, key: str) -> list[float]:
+    values = quantity(record, metric, key) or []
+    return [v for stage, v in zip(record["stages"], values) if stage.startswith("block_") and _finite(v)]
+
+
+def summary_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """Per-evaluation summaries; stage positions are indices into `stages` (0 = embed, 1 = pe, k+1 = block_k).
+
+    P/phase/{cliff_end, plateau_start, plateau_end, climb_start, plateau_length, cliff_size, tau,
+    plateau_median}, P/token_sim/pe_dominance, P/isi/{max, argmax, mean}, P/attn/{cls_centrality_ratio,
+    consensus}_last (last block), P/nc/<key>_final (at norm), P/plasticity/<component>_mean (over
+    blocks), P/probe/top1, P/cost/elapsed_s. A value that is undefined (e.g. no climb) is not logged.
+    """
+    prefix = tag_prefix(record["model"])
+    out: dict[str, Any] = {}
+    if "phases" in record:
+        out.update({f"phase/{name}": index for name, index in phase_indices(record).items()})
+        out.update({f"phase/{name}": record["phases"].get(name) for name in PHASE_SUMMARIES})
+    if "pe_dominance" in record:
+        out["token_sim/pe_dominance"] = record["pe_dominance"]
+    isi = [(i, v) for i, v in enumerate(quantity(record, "isi", "isi") or []) if _finite(v)]
+    if isi:
+        argmax, maximum = max(isi, key=lambda item: item[1])
+        out.update({"isi/max": maximum, "isi/argmax": argmax, "isi/mean": sum(v for _, v in isi) / len(isi)})
+    for key in ("cls_centrality_ratio", "consensus"):
+        values = _block_values(record, "attention", key)
+        out[f"attn/{key}_last"] = values[-1] if values else None
+    for key in PER_STAGE_KEYS["neural_collapse"]:
+        values = quantity(record, "neural_collapse", key)
+        out[f"nc/{key}_final"] = values[-1] if values else None
+    for key in PER_STAGE_KEYS["plasticity"]:
+        values = _block_values(record, "plasticity", key)
+        out[f"plasticity/{key}_mean"] = sum(values) / len(values) if values else None
+    out["probe/top1"] = record.get("probe_top1")
+    out["cost/elapsed_s"] = record.get("elapsed_s")
+    return {f"{prefix}/{name}": float(value) for name, value in out.items() if _finite(value)}
+
+
+def grad_norm_scalars(norms: Mapping[str, Mapping[str, float | None]], num_blocks: int) -> dict[str, float]:
+    """`depth/grad_norm_<component>/<block>` from `component_grad_norms` output."""
+    return {f"depth/grad_norm_{component}/{stage_tag(stage, num_blocks)}": float(value)
+            for component in GRAD_COMPONENTS for stage, value in norms.get(component, {}).items()
+            if _finite(value)}
+
+
+def custom_scalars_layout(metrics: Iterable[str], models: Iterable[str]) -> dict[str, dict[str, list]]:
+    """{category: {chart: ["Multiline", [tag regex]]}} for `SummaryWriter.add_custom_scalars`."""
+    metrics = set(metrics)
+    layout: dict[str, dict[str, list]] = {}
+    for model in models:
+        prefix = tag_prefix(model)
+        charts = {}
+        for metric, keys in PER_STAGE_KEYS.items():
+            if metric in metrics:
+                for key in keys:
+                    name = quantity_name(metric, key)
+                    charts[name] = ["Multiline", [f"{prefix}/{name}/{STAGE_REGEX}"]]
+        if "token_similarity" in metrics:
+            charts["phase boundaries (stage index)"] = [
+                "Multiline", [f"{prefix}/phase/(cliff_end|plateau_start|plateau_end|climb_start)$"]]
+        layout[f"{prefix}: per stage ({model} weights)"] = charts
+    if "grad_norms" in metrics:
+        layout["depth: gradient norms per block"] = {
+            f"grad_norm_{component}": ["Multiline", [f"depth/grad_norm_{component}/{STAGE_REGEX}"]]
+            for component in GRAD_COMPONENTS}
+    return layout
+
+
+def log_images(writer: Any, records: Sequence[Mapping[str, Any]], step: int, model: str) -> list[str]:
+    """Heatmaps of every main quantity over `records` (one model's, oldest first) and the latest phase
+    curve, as images at `step`; returns the tags written."""
+    from diagnostics.plots import figure_to_rgb, phase_curve_figure, stage_step_heatmap
+
+    prefix, written = tag_prefix(model), []
+    for metric, key, log in HEATMAPS:
+        name = quantity_name(metric, key)
+        figure = stage_step_heatmap(records, metric, key, f"{name} ({model} weights)", log=log)
+        if figure is not None:
+            writer.add_image(f"{prefix}/heatmap/{name}", figure_to_rgb(figure), step, dataformats="HWC")
+            written.append(f"{prefix}/heatmap/{name}")
+    if records and "token_similarity" in records[-1]:
+        figure = phase_curve_figure([(f"step {step}", records[-1])], dpi=80)
+        writer.add_image(f"{prefix}/phase_curve", figure_to_rgb(figure), step, dataformats="HWC")
+        written.append(f"{prefix}/phase_curve")
+    return written

@@ -1,0 +1,198 @@
+"""The diagnostics callback in real training runs: records, TensorBoard, unchanged training, resume, 2 processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DistributedType
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
+
+from diagnostics.callback import DiagnosticsCallback, check_distributed_support
+from diagnostics.records import PER_STAGE_KEYS, read_diagnostics
+from diagnostics.suite import DiagnosticsSetupError
+from models import load_model_file
+from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
+from trainer.loop import train
+from trainer.recipe import load_recipe
+
+# Drop-path (torch RNG) and mixup (numpy RNG) make the loss depend on every RNG stream.
+STOCHASTIC = ["model.drop_path_rate=0.2", "augment.mixup=0.8", "augment.cutmix=1.0", "train.ema_decay=0.9"]
+ALL_METRICS = "diagnostics.metrics=[token_similarity,isi,attention,neural_collapse,plasticity,grad_norms]"
+DIAGNOSTICS = [ALL_METRICS, "diagnostics.tensorboard_images=true", "diagnostics.enabled=true",
+               "diagnostics.model=both", "diagnostics.every_steps=2",
+               "diagnostics.grad_norm_every_steps=1", "checkpoint.every_steps=3", "checkpoint.every_epochs=null",
+               "eval.every_epochs=null", "checkpoint.save_best=false", "data.synthetic_eval_size=96",
+               "diagnostics.probe_size=96", "diagnostics.probe_batch_size=40", "diagnostics.isi_pca_rank=4",
+               "diagnostics.isi_pca_oversample=4", "diagnostics.plasticity_pairs=24",
+               "diagnostics.isi_ridge_grid=[0.001,0.1,10]", "train.max_steps=4"]
+
+
+def train_losses(run):
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def events(run):
+    files = list((Path(run) / "tb").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(files[0].parent), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    return accumulator.Reload()
+
+
+def reset_accelerate_state():
+    """accelerate keeps process-wide singletons; reset them between runs in one test process."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def tiny_train(overrides, run_dir, resume=None):
+    result = train(load_recipe(DEMO_RECIPE, [*TINY_OVERRIDES, *overrides]), run_dir, resume=resume)
+    reset_accelerate_state()
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same 4 stochastic steps with and without diagnostics (plus resume of the first from step 3)."""
+    root = tmp_path_factory.mktemp("diag")
+    tiny_train([*STOCHASTIC, *DIAGNOSTICS], root / "with")
+    tiny_train([*STOCHASTIC, *(o for o in DIAGNOSTICS if "diagnostics." not in o)], root / "without")
+    records_before_resume = read_diagnostics(root / "with")
+    tiny_train([*STOCHASTIC, *DIAGNOSTICS], root / "with", resume=str(root / "with" / "checkpoints" / "step_00000003"))
+    return {"with": root / "with", "without": root / "without", "records_before_resume": records_before_resume}
+
+
+def test_diagnostics_do_not_change_training(runs):
+    assert train_losses(runs["with"])[:4] == train_losses(runs["without"])  # exactly, every RNG stream restored
+    for (name, a), b in zip(load_model_file(runs["with"] / "checkpoints" / "step_00000004" / "model.safetensors")
+                            .state_dict().items(),
+                            load_model_file(runs["without"] / "checkpoints" / "step_00000004" / "model.safetensors")
+                            .state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not (runs["without"] / "diagnostics.jsonl").exists()
+
+
+def test_records_follow_the_documented_format(runs):
+    records = runs["records_before_resume"]
+    # every_steps at 2 and 4, the periodic checkpoint at 3; the final save at 4 is not measured twice
+    assert [(r["step"], r["model"], r["trigger"]) for r in records] == [
+        (2, "raw", "every_steps"), (2, "ema", "every_steps"), (3, "raw", "checkpoint"), (3, "ema", "checkpoint"),
+        (4, "raw", "every_steps"), (4, "ema", "every_steps")]
+    stages = ["embed", "pe", "block_1", "block_2", "norm"]
+    for record in records:
+        assert record["stages"] == stages and record["probe_size"] == 96 and record["num_processes"] == 1
+        for metric, keys in PER_STAGE_KEYS.items():
+            assert set(record[metric]) == set(keys) and all(len(record[metric][k]) == len(stages) for k in keys)
+        assert record["attention"]["consensus"][0] is None and record["plasticity"]["MHA"][-1] is None
+        assert record["neural_collapse"]["nc4_ncc_mismatch"][:-1] == [None] * 4  # head metrics at norm only
+        assert record["isi"]["r2_self"][0] > 0.99 and abs(record["isi"]["isi"][0]) < 0.01  # embed from itself
+        assert record["phases"]["cliff_end"] in stages and len(record["phases"]["tau_sensitivity"]) == 3
+        assert isinstance(record["pe_dominance"], float) and record["elapsed_s"] > 0
+        assert record["grad_norms"]["MHA"][2] > 0 and record["grad_norms"]["MHA"][0] is None
+    raw_2, ema_2 = records[0], records[1]
+    assert raw_2["token_similarity"] != ema_2["token_similarity"]  # the EMA weights were probed, not the raw ones
+
+
+def test_tensorboard_scalars_images_and_custom_scalar_layout(runs):
+    accumulator = events(runs["with"])
+    tags = accumulator.Tags()
+    scalars = set(tags["scalars"])
+    for tag in ("depth/token_sim_centered/block_01", "depth/token_sim_raw/embed", "depth/isi/norm",
+                "depth/attn_consensus/block_02", "depth/nc1/norm", "depth/plasticity_MHA/block_01",
+                "depth/phase/cliff_end", "depth/phase/plateau_length", "depth/isi/max", "depth/nc/nc1_final",
+                "depth_ema/token_sim_centered/block_01", "depth_ema/phase/cliff_end",
+                "depth/grad_norm_MHA/block_01", "depth/cost/elapsed_s"):
+        assert tag in scalars, tag
+    assert [e.step for e in accumulator.Scalars("depth/token_sim_centered/block_01")] == [2, 3, 4]
+    assert [e.step for e in accumulator.Scalars("depth/grad_norm_FC1/block_02")] == [1, 2, 3, 4]
+    for tag in ("depth/heatmap/token_sim_centered", "depth/heatmap/isi", "depth/heatmap/nc1", "depth/phase_curve",
+                "depth_ema/heatmap/attn_consensus"):
+        assert tag in tags["images"], tag
+    heatmaps = accumulator.Images("depth/heatmap/token_sim_centered")
+    assert [e.step for e in heatmaps] == [2, 3, 4]
+    assert heatmaps[0].encoded_image_string != heatmaps[-1].encoded_image_string  # rebuilt with more columns
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tensor_util.make_ndarray(accumulator.Tensors("custom_scalars__config__")[0].tensor_proto)
+                           .item())
+    raw = next(category for category in layout.category if category.title == "depth: per stage (raw weights)")
+    charts = {chart.title: list(chart.multiline.tag) for chart in raw.chart}
+    isi_regex = re.compile(charts["isi"][0])
+    assert isi_regex.match("depth/isi/block_01") and isi_regex.match("depth/isi/norm")
+    assert not isi_regex.match("depth/isi/max")  # summaries are not stage curves
+    assert {"token_sim_centered", "attn_cls_centrality_ratio", "nc1", "plasticity_FC1"} <= set(charts)
+    assert [c.title for c in layout.category] == ["depth: per stage (raw weights)", "depth_ema: per stage (ema weights)",
+                                                  "depth: gradient norms per block"]
+
+
+def test_resume_truncates_diagnostics_after_the_checkpoint(runs):
+    before, after = runs["records_before_resume"], read_diagnostics(runs["with"])
+    assert [(r["step"], r["model"]) for r in after] == [(r["step"], r["model"]) for r in before]
+    resumed_4 = after[-2]
+    assert resumed_4["token_similarity"] == before[-2]["token_similarity"]  # step 4 redone, same weights
+
+
+def test_unsupported_backends_are_refused_at_start():
+    def accelerator(kind, stage=None):
+        return SimpleNamespace(distributed_type=kind,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    check_distributed_support(accelerator(DistributedType.MULTI_GPU), ["isi", "grad_norms"])
+    check_distributed_support(accelerator(DistributedType.DEEPSPEED, 2), ["isi"])
+    with pytest.raises(DiagnosticsSetupError, match="FSDP: each process holds a shard"):
+        check_distributed_support(accelerator(DistributedType.FSDP), ["token_similarity"])
+    with pytest.raises(DiagnosticsSetupError, match="DeepSpeed ZeRO-3"):
+        check_distributed_support(accelerator(DistributedType.DEEPSPEED, 3), ["isi"])
+    with pytest.raises(DiagnosticsSetupError, match="grad_norms under DEEPSPEED"):
+        check_distributed_support(accelerator(DistributedType.DEEPSPEED, 2), ["grad_norms"])
+
+
+def test_preemption_and_best_only_saves_are_not_measured(tiny_recipe):
+    callback = DiagnosticsCallback(tiny_recipe("diagnostics.enabled=true"))
+    callback.probe = object()  # a measurement would fail on this: none must start
+    for tags in (["preempt"], ["best"], ["periodic", "preempt"]):
+        callback.on_checkpoint(None, Path("unused"), tags)
+    assert callback.last_step is None
+
+
+TWO_PROCESS = [*TINY_OVERRIDES, "data.source=digits", "train.max_steps=2", "checkpoint.every_steps=2",
+               "checkpoint.every_epochs=null", "eval.every_epochs=null", "diagnostics.enabled=true",
+               "diagnostics.metrics=[token_similarity,isi,attention,neural_collapse,plasticity]",
+               "diagnostics.probe_size=120", "diagnostics.probe_batch_size=32", "diagnostics.isi_pca_rank=4",
+               "diagnostics.isi_ridge_grid=[0.001,0.1,10]", "diagnostics.plasticity_pairs=10",
+               "diagnostics.tensorboard_images=false", "logging.tensorboard=false"]
+
+
+def test_two_processes_write_once_the_values_of_one(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "trainer/train.py",
+                           "--recipe", str(DEMO_RECIPE), "--output", str(run), "--set", *TWO_PROCESS],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = read_diagnostics(run)  # written once, by the main process
+    assert record["num_processes"] == 2 and record["step"] == 2 and record["probe_size"] == 120
+    assert proc.stdout.count("diagnostics step 2 (raw)") == 1
+
+    from tools.analyze import main as analyze  # the same checkpoint and probe set, in this one process
+
+    analyze(["--run", str(run), "--output", str(tmp_path / "offline"), "--device", "cpu"])
+    (offline,) = json.loads((tmp_path / "offline" / "analysis.json").read_text())["records"]
+    assert offline["stages"] == record["stages"] and offline["phases"]["cliff_end"] == record["phases"]["cliff_end"]
+    for metric, keys in PER_STAGE_KEYS.items():
+        for key in keys:
+            for got, expected in zip(offline[metric][key], record[metric][key], strict=True):
+                assert (got is None) == (expected is None), (metric, key)
+                assert got is None or got == pytest.approx(expected, rel=1e-4, abs=1e-6), (metric, key)
+    assert offline["pe_dominance"] == pytest.approx(record["pe_dominance"], rel=1e-6)

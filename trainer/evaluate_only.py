@@ -1,0 +1,158 @@
+"""`trainer/train.py --eval-only`: score a trained checkpoint, optionally with a scaled position embedding.
+
+    python trainer/train.py --recipe recipes/demo_digits.yaml --eval-only --output runs/pe_half \\
+        --set model.checkpoint=runs/demo_digits/checkpoints/last/model.safetensors eval.pe_scale=0.5
+
+The recipe's model is built, initialised from `model.checkpoint` (trainer/init_weights.py) and
+evaluated on the eval split with e_i + eval.pe_scale * p_i (science.md §1, PE-scale
+experiment; 1.0 = the model as trained). On the diagnostics probe set (diagnostics.probe_size
+images, diagnostics.probe_seed) the diagnostics suite (diagnostics/suite.py) measures, at that
+scale, the token-similarity curve, PE dominance and the Cliff–Plateau–Climb phases, plus the
+other `diagnostics.metrics` when `diagnostics.enabled`. The run dir receives
+
+    recipe.yaml        the resolved recipe (a different recipe already there is an error)
+    summary.json       status "finished", mode "evaluate", pe_scale, top-1/top-5, cliff_size, phases
+    metrics.jsonl      one eval record
+    diagnostics.jsonl  one record (trigger "offline", plus "pe_scale"; diagnostics/records.py)
+
+Runs on every process of an `accelerate launch`; the eval set and the probe set are sharded
+over processes and the results summed, so N processes give the numbers of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from diagnostics.capture import scaled_position_embedding, stage_names, unwrap_model
+from diagnostics.records import build_record
+from diagnostics.suite import ProbeData, check_config, load_probe, run_diagnostics
+from trainer.checkpoint import MANIFEST, write_json_atomic
+from trainer.data import CorruptImageCounter, EvalSet, build_eval_transform, build_probe_dataset
+from trainer.data_sources import DataError, load_split
+from trainer.distributed import build_accelerator
+from trainer.evaluate import evaluate
+from trainer.init_weights import resolve_weights_file
+from trainer.recipe import RecipeError, save_recipe
+from trainer.recipe_schema import Recipe
+from trainer.run_dir import RunDir, check_same_recipe
+from trainer.samplers import ShardedEvalSampler
+from trainer.setup import build_model
+from trainer.summary import accuracy_summary, model_cost
+
+
+@dataclass
+class EvalOnlyResult:
+    run_dir: Path
+    checkpoint: Path
+    pe_scale: float
+    metrics: dict[str, float]  # top1, top5 (percent)
+    phases: dict[str, Any]  # diagnostics.phases.Phases as a dict
+    pe_dominance: float | None
+
+
+def build_eval_loader(recipe: Recipe, num_processes: int, process_index: int) -> DataLoader:
+    """The eval split only (no training data is opened), sharded exactly once over the processes."""
+    raw = load_split(recipe, "eval")
+    if len(raw.class_names) > recipe.model.num_classes:
+        raise DataError(f"model.num_classes = {recipe.model.num_classes} is smaller than the "
+                        f"{len(raw.class_names)} classes of {raw.description}")
+    transform = None if recipe.data.source == "synthetic" else build_eval_transform(recipe)
+    dataset = EvalSet(raw, transform, recipe.data.skip_corrupt, CorruptImageCounter(recipe.data.num_workers))
+    return DataLoader(dataset, batch_size=recipe.eval.batch_size,
+                      sampler=ShardedEvalSampler(len(dataset), num_processes, process_index),
+                      num_workers=recipe.data.num_workers,
+                      pin_memory=recipe.data.pin_memory and torch.cuda.is_available())
+
+
+def probe_diagnostics_config(recipe: Recipe) -> Any:
+    """The recipe's diagnostics when enabled, else token similarity only (the Cliff needs no more)."""
+    cfg = recipe.diagnostics
+    metrics = list(cfg.metrics) if cfg.enabled else []
+    return replace(cfg, metrics=list(dict.fromkeys(["token_similarity", *metrics])))
+
+
+def probe_record(model: torch.nn.Module, cfg: Any, num_classes: int, probe: ProbeData, *, step: int,
+                 epoch: float, weights: str, num_processes: int) -> dict[str, Any]:
+    """The diagnostics suite on `model` as it is now (call inside the PE scaling), as a diagnostics record."""
+    start = time.perf_counter()
+    results = run_diagnostics(model, probe, cfg, num_classes)
+    return build_record(results, stage_names(model), step=step, epoch=epoch, model=weights, trigger="offline",
+                        probe_size=probe.size, num_processes=num_processes, elapsed_s=time.perf_counter() - start)
+
+
+def _checkpoint_position(weights: Path) -> tuple[int, float]:
+    """(step, epoch) of the checkpoint holding `weights`, (0, 0.0) for a file outside a checkpoint."""
+    manifest = weights.parent / MANIFEST
+    if not manifest.is_file():
+        return 0, 0.0
+    data = json.loads(manifest.read_text())
+    return int(data.get("step", 0)), float(data.get("epoch", 0))
+
+
+def _prepare_run_dir(run: RunDir, recipe: Recipe, is_main: bool) -> None:
+    if run.recipe.is_file():
+        check_same_recipe(run.recipe, recipe, f"run dir {run.root}")
+    if is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run.recipe, header="resolved recipe of this evaluation (depthlab --eval-only)")
+
+
+def _write_jsonl(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(path)
+
+
+def evaluate_checkpoint(recipe: Recipe, run_dir: str | Path) -> EvalOnlyResult:
+    """Evaluate `recipe.model.checkpoint` at `recipe.eval.pe_scale`; write the run dir (see module docstring)."""
+    if not recipe.model.checkpoint:
+        raise RecipeError("--eval-only needs model.checkpoint (a model.safetensors / ema.safetensors file, "
+                          "a checkpoint directory or a run directory)")
+    start = time.perf_counter()
+    weights = resolve_weights_file(recipe.model.checkpoint)
+    run = RunDir(Path(run_dir))
+    accelerator = build_accelerator(recipe, run.root)
+    _prepare_run_dir(run, recipe, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+
+    model = build_model(recipe).to(accelerator.device).eval()
+    alpha = recipe.eval.pe_scale
+    if alpha != 1.0 and getattr(unwrap_model(model), "pos_embed", None) is None:
+        raise RecipeError(f"eval.pe_scale = {alpha}: {recipe.model.name} has no learned pos_embed to scale")
+    n, rank = accelerator.num_processes, accelerator.process_index
+    cfg = probe_diagnostics_config(recipe)
+    check_config(cfg, model)
+    eval_loader = build_eval_loader(recipe, n, rank)
+    probe = load_probe(build_probe_dataset(recipe, cfg.probe_size, cfg.probe_seed), cfg, rank, n,
+                       recipe.data.num_workers)
+    step, epoch = _checkpoint_position(weights)
+    scaling = contextlib.nullcontext() if alpha == 1.0 else scaled_position_embedding(model, alpha)
+    with scaling:
+        metrics = evaluate({"": model}, eval_loader, accelerator, recipe.model.num_classes)
+        record = probe_record(model, cfg, recipe.model.num_classes, probe, step=step, epoch=epoch, num_processes=n,
+                              weights="ema" if weights.name == "ema.safetensors" else "raw")
+    record["pe_scale"] = alpha
+
+    phases = record["phases"]
+    if accelerator.is_main_process:
+        elapsed = round(time.perf_counter() - start, 2)
+        _write_jsonl(run.metrics, {"step": step, "epoch": epoch, "kind": "eval", "pe_scale": alpha, **metrics})
+        _write_jsonl(run.diagnostics, record)
+        write_json_atomic(run.summary, {
+            "status": "finished", "mode": "evaluate", "model": recipe.model.name, "variant": recipe.variant.kind,
+            "checkpoint": str(weights.resolve()), "checkpoint_step": step, "checkpoint_epoch": epoch,
+            "pe_scale": alpha, "raw": accuracy_summary([{"step": step, "epoch": epoch, **metrics}]), "ema": None,
+            "cliff_size": phases["cliff_size"], "cliff_end": phases["cliff_end"],
+            "pe_dominance": record["pe_dominance"], **model_cost(recipe), "num_processes": n, "wall_time_s": elapsed,
+        })
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return EvalOnlyResult(run.root, weights, alpha, metrics, phases, record["pe_dominance"])

@@ -1,0 +1,136 @@
+"""Initialise a recipe's model from `model.checkpoint` (finetuning, evaluation of a trained model).
+
+`model.checkpoint` may name
+    - a `.safetensors` file: `models.save_model_file` output (raw `model.safetensors` or
+      `ema.safetensors` of a checkpoint) or any timm-format state dict saved as safetensors;
+    - a checkpoint directory holding `model.safetensors` (e.g. `runs/x/checkpoints/last`);
+    - a run directory (its `checkpoints/last/model.safetensors`).
+
+Keys are checked strictly: a key of the file the model does not have, or a model key the file
+does not cover, is an error naming the file and the keys. A GroupedMLP's shared MLP is stored
+once; its tied names count as covered. Two shape mismatches are adapted, as timm does when it
+loads pretrained weights: the classifier head when `model.num_classes` differs (it keeps its
+fresh initialisation: finetuning on a new label set) and `pos_embed` when the patch grid
+differs (resampled with `timm.layers.resample_abs_pos_embed`). Any other shape mismatch is an
+error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from trainer.recipe import RecipeError
+
+_logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+
+
+class WeightInitError(RecipeError):
+    """`model.checkpoint` that cannot initialise the recipe's model (missing, wrong format, other keys)."""
+
+
+@dataclass
+class WeightInit:
+    """What `load_initial_weights` did."""
+
+    path: Path
+    reinitialised: list[str] = field(default_factory=list)  # head keys left at their fresh init
+    resampled: list[str] = field(default_factory=list)  # pos_embed resampled to the model's grid
+
+
+def resolve_weights_file(checkpoint: str | Path) -> Path:
+    """The safetensors file that `model.checkpoint` names (see the module docstring)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        for candidate in (path / MODEL_FILE, path / "checkpoints" / "last" / MODEL_FILE):
+            if candidate.is_file():
+                return candidate
+        raise WeightInitError(f"model.checkpoint = {checkpoint}: a directory without {MODEL_FILE} "
+                              f"(nor checkpoints/last/{MODEL_FILE}); name a .safetensors file")
+    if not path.is_file():
+        raise WeightInitError(f"model.checkpoint = {checkpoint}: file not found")
+    if path.suffix != ".safetensors":
+        raise WeightInitError(f"model.checkpoint = {checkpoint}: expected a .safetensors file "
+                              "(convert a torch checkpoint with safetensors.torch.save_file)")
+    return path
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each state-dict name -> all names sharing its storage (itself included)."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) \
+            if tensor.device.type != "meta" else (name,)
+        by_storage.setdefault(key, []).append(name)
+    return {name: names for names in by_storage.values() for name in names}
+
+
+def _classifier_names(model: nn.Module) -> set[str]:
+    classifier = (getattr(model, "default_cfg", None) or {}).get("classifier", "head")
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    return {f"{n}.{suffix}" for n in names for suffix in ("weight", "bias")}
+
+
+def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: Path, info: WeightInit) -> None:
+    expected = model.state_dict()
+    classifier = _classifier_names(model)
+    wrong = []
+    for name in list(state):
+        have, want = tuple(state[name].shape), tuple(expected[name].shape)
+        if have == want:
+            continue
+        if name in classifier:
+            state[name] = expected[name].detach().clone()  # new label set: keep the fresh head
+            info.reinitialised.append(name)
+        elif name == "pos_embed" and hasattr(model, "patch_embed"):
+            prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+            state[name] = resample_abs_pos_embed(state[name], list(model.patch_embed.grid_size),
+                                                 num_prefix_tokens=prefix)
+            if tuple(state[name].shape) != want:
+                wrong.append(f"{name} {have} -> {want}")
+            info.resampled.append(name)
+        else:
+            wrong.append(f"{name} {have} != {want}")
+    if wrong:
+        raise WeightInitError(f"model.checkpoint = {path}: shapes do not fit the recipe's model: "
+                              f"{'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
+
+
+def load_initial_weights(model: nn.Module, checkpoint: str | Path) -> WeightInit:
+    """Load `checkpoint` into `model` in place (strict keys, see module docstring); returns what was done."""
+    path = resolve_weights_file(checkpoint)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise WeightInitError(f"model.checkpoint = {path}: not a readable safetensors file ({e})") from None
+    tied = _tied_names(model)
+    expected = set(tied)
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(n for n in expected - set(state) if not any(t in state for t in tied[n]))
+    if unexpected or missing:
+        parts = [f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+                 for what, keys in (("unexpected keys", unexpected), ("missing keys", missing)) if keys]
+        raise WeightInitError(f"model.checkpoint = {path} does not match the recipe's model "
+                              f"{type(model).__name__}: {'; '.join(parts)}. Check model.name, model.depth, "
+                              "variant.kind and the other model settings against the checkpoint's recipe")
+    for name in expected - set(state):  # tied duplicates stored once
+        state[name] = state[next(t for t in tied[name] if t in state)]
+    info = WeightInit(path)
+    _fit_shapes(model, state, path, info)
+    model.load_state_dict(state, strict=True)
+    if info.reinitialised:
+        _logger.warning("model.checkpoint %s: classifier %s re-initialised (different num_classes)",
+                        path, ", ".join(info.reinitialised))
+    if info.resampled:
+        _logger.warning("model.checkpoint %s: pos_embed resampled to the %s patch grid",
+                        path, tuple(model.patch_embed.grid_size))
+    return info
