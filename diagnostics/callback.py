@@ -8,8 +8,10 @@ quickly) and every `every_steps` optimizer steps, on every process:
      loaded once at train start, each process its shard (diagnostics/suite.py);
   2. for each probed model (`model: raw | ema | both`) `suite.run_diagnostics` runs the enabled
      metrics on the unwrapped model in eval mode under no_grad, summing statistics over processes;
-  3. the main process logs TensorBoard scalars and images (diagnostics/tensorboard_logging.py)
-     and appends one record per model to <run>/diagnostics.jsonl (diagnostics/records.py).
+  3. the main process logs TensorBoard scalars (diagnostics/tensorboard_logging.py) and appends
+     one record per model to <run>/diagnostics.jsonl (diagnostics/records.py); at checkpoint
+     evaluations it also renders the images: stage x step heatmaps over all records so far (the
+     `every_steps` ones included) and the current phase curve.
 
 `grad_norms` is measured during training instead: every `grad_norm_every_steps` updates, on the
 complete, unscaled gradients (`on_before_optimizer_step`), logged as scalars; the latest values
@@ -28,8 +30,9 @@ under FSDP and DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +109,20 @@ def summary_line(record: dict[str, Any]) -> str:
             f"[{record['elapsed_s']:.1f} s]")
 
 
+def timed(hook: Callable) -> Callable:
+    """Adds the hook's wall time to the callback's `cost_s` (printed at the end of training)."""
+
+    @functools.wraps(hook)
+    def wrapper(self: DiagnosticsCallback, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.cost_s += time.perf_counter() - start
+
+    return wrapper
+
+
 class DiagnosticsCallback(Callback):
     def __init__(self, recipe: Recipe):
         self.cfg = recipe.diagnostics
@@ -113,11 +130,15 @@ class DiagnosticsCallback(Callback):
         self.probe_metrics = [metric for metric in self.cfg.metrics if metric in PROBE_METRICS]
         self.probe: ProbeData | None = None
         self.last_step: int | None = None  # at most one evaluation per step (checkpoint and every_steps)
+        self.images_step: int | None = None
         self.records: list[dict[str, Any]] = []  # main process: the run's records so far, for the heatmaps
         self.grad_norms: dict[str, Any] | None = None  # latest training-time values
         self.writer: Any = None  # the accelerate tensorboard tracker's SummaryWriter (main process)
+        self.cost_s = 0.0  # this process's time in the hooks: probe loading, metrics, grad norms, images
+        self.evaluations = 0
 
     # ----- set-up ---------------------------------------------------------------------------
+    @timed
     def on_train_start(self, ctx: TrainContext) -> None:
         cfg = self.cfg
         check_distributed_support(ctx.accelerator, cfg.metrics)
@@ -145,6 +166,7 @@ class DiagnosticsCallback(Callback):
                 self.writer.add_custom_scalars(custom_scalars_layout(cfg.metrics, self.models))
 
     # ----- training-time gradient norms --------------------------------------------------------
+    @timed
     def on_before_optimizer_step(self, ctx: TrainContext) -> None:
         step = ctx.step + 1  # the update about to be applied
         if "grad_norms" not in self.cfg.metrics or step % self.cfg.grad_norm_every_steps:
@@ -154,10 +176,14 @@ class DiagnosticsCallback(Callback):
             ctx.log_scalars(grad_norm_scalars(self.grad_norms, len(ctx.unwrapped_model.blocks)), step=step)
 
     # ----- probe evaluations -------------------------------------------------------------------
+    @timed
     def on_checkpoint(self, ctx: TrainContext, path: Path, tags: Sequence[str]) -> None:
         if self.cfg.at_checkpoints and MEASURED_CHECKPOINTS.intersection(tags) and "preempt" not in tags:
             self.evaluate(ctx, "checkpoint")
+            if self.cfg.tensorboard_images == "checkpoints":
+                self.log_images(ctx)
 
+    @timed
     def on_step_end(self, ctx: TrainContext, record: StepRecord) -> None:
         if self.cfg.every_steps and ctx.step % self.cfg.every_steps == 0:
             self.evaluate(ctx, "every_steps")
@@ -167,6 +193,7 @@ class DiagnosticsCallback(Callback):
         if self.probe is None or self.last_step == ctx.step:
             return
         self.last_step = ctx.step
+        self.evaluations += 1
         epoch = round(ctx.step / max(ctx.extras.get("updates_per_epoch", 1), 1), 4)
         with preserved_rng_state():
             for model_name in self.models:
@@ -177,13 +204,31 @@ class DiagnosticsCallback(Callback):
                     continue
                 record = build_record(results, stage_names(module), step=ctx.step, epoch=epoch, model=model_name,
                                       trigger=trigger, probe_size=self.probe.size,
-                                      num_processes=ctx.accelerator.num_processes, elapsed_s=0.0,
-                                      grad_norms=self.grad_norms)
+                                      num_processes=ctx.accelerator.num_processes,
+                                      elapsed_s=round(time.perf_counter() - start, 3), grad_norms=self.grad_norms)
                 self.records.append(record)
-                if self.writer is not None and self.cfg.tensorboard_images:
-                    log_images(self.writer, [r for r in self.records if r["model"] == model_name], ctx.step,
-                               model_name)
-                record["elapsed_s"] = round(time.perf_counter() - start, 3)  # metrics, reduction and images
                 ctx.log_scalars({**stage_scalars(record), **summary_scalars(record)})
                 ctx.append_jsonl(DIAGNOSTICS_FILE, record)
                 tqdm.write(summary_line(record))
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        # after the checkpoint callback's final save (and its evaluation): callbacks run in order
+        if not self.evaluations:  # e.g. `--resume auto` of a finished run: nothing new to show
+            return
+        if self.cfg.tensorboard_images == "final" and ctx.extras.get("status") != "failed":
+            timed(DiagnosticsCallback.log_images)(self, ctx)
+        if ctx.is_main_process:
+            tqdm.write(f"diagnostics cost: {self.cost_s:.2f} s (probe loading, {self.evaluations} evaluations, "
+                       "gradient norms, images)")
+
+    def log_images(self, ctx: TrainContext) -> None:
+        """Heatmaps over every record so far and the latest phase curve. Only at checkpoint evaluations
+        (`tensorboard_images`): matplotlib costs more than the metrics at demo scale, and each heatmap
+        holds every evaluation so far anyway."""
+        if self.writer is None or self.images_step == ctx.step:
+            return
+        self.images_step = ctx.step
+        for model_name in self.models:
+            records = [r for r in self.records if r["model"] == model_name]
+            if records:
+                log_images(self.writer, records, ctx.step, model_name)

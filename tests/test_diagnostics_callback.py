@@ -27,7 +27,7 @@ from trainer.recipe import load_recipe
 # Drop-path (torch RNG) and mixup (numpy RNG) make the loss depend on every RNG stream.
 STOCHASTIC = ["model.drop_path_rate=0.2", "augment.mixup=0.8", "augment.cutmix=1.0", "train.ema_decay=0.9"]
 ALL_METRICS = "diagnostics.metrics=[token_similarity,isi,attention,neural_collapse,plasticity,grad_norms]"
-DIAGNOSTICS = [ALL_METRICS, "diagnostics.tensorboard_images=true", "diagnostics.enabled=true",
+DIAGNOSTICS = [ALL_METRICS, "diagnostics.tensorboard_images=checkpoints", "diagnostics.enabled=true",
                "diagnostics.model=both", "diagnostics.every_steps=2",
                "diagnostics.grad_norm_every_steps=1", "checkpoint.every_steps=3", "checkpoint.every_epochs=null",
                "eval.every_epochs=null", "checkpoint.save_best=false", "data.synthetic_eval_size=96",
@@ -118,7 +118,7 @@ def test_tensorboard_scalars_images_and_custom_scalar_layout(runs):
                 "depth_ema/heatmap/attn_consensus"):
         assert tag in tags["images"], tag
     heatmaps = accumulator.Images("depth/heatmap/token_sim_centered")
-    assert [e.step for e in heatmaps] == [2, 3, 4]
+    assert [e.step for e in heatmaps] == [3, 4]  # images at the checkpoint evaluations only
     assert heatmaps[0].encoded_image_string != heatmaps[-1].encoded_image_string  # rebuilt with more columns
 
     layout = layout_pb2.Layout()
@@ -164,12 +164,24 @@ def test_preemption_and_best_only_saves_are_not_measured(tiny_recipe):
     assert callback.last_step is None
 
 
+def test_images_final_renders_once_at_the_end_with_every_evaluation(tmp_path, tiny_recipe):
+    cadence = ["diagnostics.enabled=true", "diagnostics.metrics=[token_similarity]", "diagnostics.every_steps=1",
+               "diagnostics.tensorboard_images=final", "checkpoint.every_steps=2", "checkpoint.every_epochs=null",
+               "checkpoint.save_best=false", "eval.every_epochs=null", "train.max_steps=4"]
+    train(tiny_recipe(*cadence), tmp_path / "run")
+    reset_accelerate_state()
+    accumulator = events(tmp_path / "run")
+    assert [e.step for e in accumulator.Scalars("depth/token_sim_centered/block_01")] == [1, 2, 3, 4]
+    (image,) = accumulator.Images("depth/heatmap/token_sim_centered")  # not at the periodic save of step 2
+    assert image.step == 4 and [e.step for e in accumulator.Images("depth/phase_curve")] == [4]
+
+
 TWO_PROCESS = [*TINY_OVERRIDES, "data.source=digits", "train.max_steps=2", "checkpoint.every_steps=2",
                "checkpoint.every_epochs=null", "eval.every_epochs=null", "diagnostics.enabled=true",
                "diagnostics.metrics=[token_similarity,isi,attention,neural_collapse,plasticity]",
                "diagnostics.probe_size=120", "diagnostics.probe_batch_size=32", "diagnostics.isi_pca_rank=4",
                "diagnostics.isi_ridge_grid=[0.001,0.1,10]", "diagnostics.plasticity_pairs=10",
-               "diagnostics.tensorboard_images=false", "logging.tensorboard=false"]
+               "diagnostics.tensorboard_images=never", "logging.tensorboard=false"]
 
 
 def test_two_processes_write_once_the_values_of_one(tmp_path):

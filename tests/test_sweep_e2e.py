@@ -30,7 +30,7 @@ DEMO = ROOT / "recipes" / "demo_digits.yaml"
 TINY = ["model.depth=1", "model.embed_dim=16", "model.num_heads=2", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
         "train.batch_size=256", "eval.every_epochs=1", "checkpoint.every_epochs=1", "logging.progress_bar=false",
         "diagnostics.metrics=[token_similarity, attention]", "diagnostics.probe_size=64",
-        "diagnostics.tensorboard_images=false"]
+        "diagnostics.tensorboard_images=never"]
 
 
 @pytest.fixture(autouse=True)

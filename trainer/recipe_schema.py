@@ -184,7 +184,9 @@ class DiagnosticsConfig:
     every_steps: int | None = knob(None, min=1, help="also run every N optimizer steps")
     metrics: list[str] = knob(list(DIAGNOSTIC_METRICS), choices=DIAGNOSTIC_METRICS, help="metrics to compute")
     model: Literal["raw", "ema", "both"] = knob("raw", help="which weights are probed (ema needs train.ema_decay)")
-    tensorboard_images: bool = knob(True, help="log stage x step heatmaps and the phase curve as images")
+    tensorboard_images: Literal["checkpoints", "final", "never"] = knob(
+        "checkpoints", help="when to log the stage x step heatmaps and the phase curve as images: at every "
+                            "measured checkpoint, once at the end of training, or never")
     probe_size: int = knob(512, min=2, help="images in the fixed probe set (a seeded subset of the eval split)")
     probe_batch_size: int = knob(64, min=1, help="per-process batch size on the probe set")
     probe_seed: int = knob(0, help="seed choosing the probe images")
