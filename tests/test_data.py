@@ -400,17 +400,22 @@ def test_zero_bit_posterize_gives_a_black_image_instead_of_a_pillow_error(policy
     assert np.asarray(posterize[0].aug_fn(image, 1)).max() == 128
 
 
-def test_loader_workers_leave_preemption_signals_to_the_main_process():
-    """Slurm signals the whole process group: a worker must survive SIGTERM so the trainer can save."""
-    import os
-    import signal
-
-    recipe = make_recipe(data={"source": "synthetic", "num_workers": 1, "synthetic_train_size": 64},
+def started_synthetic_loader(num_workers):
+    """(bundle, iterator) of a synthetic training loader whose workers have served one batch."""
+    recipe = make_recipe(data={"source": "synthetic", "num_workers": num_workers, "synthetic_train_size": 64},
                          train={"batch_size": 8})
     bundle = build_data(recipe)
     bundle.train_sampler.set_epoch(0)
     iterator = iter(bundle.train_loader)
     next(iterator)
+    return bundle, iterator
+
+
+def test_loader_workers_leave_preemption_signals_to_the_main_process():
+    """Slurm signals the whole process group: a worker must survive SIGTERM so the trainer can save."""
+    import signal
+
+    bundle, iterator = started_synthetic_loader(num_workers=1)
     worker = iterator._workers[0]
     os.kill(worker.pid, signal.SIGTERM)
     os.kill(worker.pid, signal.SIGINT)
@@ -427,13 +432,8 @@ def test_a_process_that_exits_with_live_loader_workers_does_not_hang(tmp_path):
 
     script = tmp_path / "leak_workers.py"
     script.write_text(textwrap.dedent("""
-        from tests.test_data import build_data, make_recipe
-        recipe = make_recipe(data={"source": "synthetic", "num_workers": 2, "synthetic_train_size": 64},
-                             train={"batch_size": 8})
-        bundle = build_data(recipe)
-        bundle.train_sampler.set_epoch(0)
-        LEAKED = iter(bundle.train_loader)
-        next(LEAKED)
+        from tests.test_data import started_synthetic_loader
+        _, LEAKED = started_synthetic_loader(num_workers=2)
         assert all(w.is_alive() for w in LEAKED._workers)
         print("workers alive at exit", flush=True)
     """))

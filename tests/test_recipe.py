@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from models import count_parameters, create_vit_from_recipe
+from tests.conftest import DEMO_RECIPE
 from trainer.recipe import RecipeError, dump_recipe, flatten_recipe, load_recipe, save_recipe
 from trainer.recipe_schema import Recipe
 
@@ -165,3 +166,11 @@ def test_cli_prints_the_resolved_recipe_with_overrides():
     result = run_train_cli("--recipe", str(ROOT / "recipes" / "vit_b_grouped_mlp.yaml"), "--set", "optim.lr=5e-4")
     assert result.returncode == 0, result.stderr
     assert "kind: grouped_mlp" in result.stdout and "lr: 0.0005" in result.stdout
+
+
+def test_an_unquoted_yaml_boolean_for_a_word_choice_says_to_quote_it():
+    with pytest.raises(RecipeError, match=r"train.precision = False is not a valid choice: expected one of "
+                                          r".*\(YAML reads on/off/yes/no as booleans: quote the word\)"):
+        load_recipe(DEMO_RECIPE, ["train.precision=no"])
+    with pytest.raises(RecipeError, match=r"train.batch_size = True has the wrong type: expected an integer$"):
+        load_recipe(DEMO_RECIPE, ["train.batch_size=yes"])

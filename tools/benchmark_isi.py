@@ -25,12 +25,14 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import timm
 import torch
 
 from diagnostics.capture import stage_names
 from diagnostics.isi import ScramblingIndex, isi_stage_bytes, plan_stage_groups
 from diagnostics.streaming import run_probe
+from models import create_vit
+from trainer.cli import exit_on_user_error
+from trainer.recipe import RecipeError
 
 GIB = 2**30
 
@@ -51,11 +53,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).to(device).eval()
+    model = create_vit(args.model, pretrained=False, img_size=args.img_size).to(device).eval()
     images = torch.randn(args.images, 3, args.img_size, args.img_size)
     batches = [(chunk, None, torch.arange(start, start + len(chunk)))
                for start, chunk in zip(range(0, args.images, args.batch_size), images.split(args.batch_size))]
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     stages = stage_names(model)
     stage_bytes = isi_stage_bytes(num_patches, dim, pca_rank=args.pca_rank)
     budget = None if args.budget_gb is None else int(args.budget_gb * GIB)
-    groups = plan_stage_groups(stages, stage_bytes, budget)
+    try:
+        groups = plan_stage_groups(stages, stage_bytes, budget)
+    except ValueError as error:
+        raise RecipeError(f"--budget-gb {args.budget_gb}: {error}") from None
     print(f"{args.model} at {args.img_size} px (N = {num_patches} patches, D = {dim}), {args.images} random images, "
           f"batch {args.batch_size}, r = {args.pca_rank}, device {device}")
     print(f"plan: {isi_stage_bytes(num_patches, dim, pca_rank=args.pca_rank) / GIB:.3f} GiB per stage, "

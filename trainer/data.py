@@ -26,6 +26,7 @@ included) has replaced so far, train and eval together; sum it over ranks to log
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import os
 import random
@@ -45,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from trainer.data_sources import CorruptImageError, DataError, RawSplit, load_split
 from trainer.samplers import EvalKey, RepeatedAugSampler, ShardedEvalSampler, TrainKey
 
-__all__ = ["DataBundle", "DataError", "build_data", "build_eval_transform", "build_mixup",
+__all__ = ["DataBundle", "DataError", "build_data", "build_eval_loader", "build_eval_transform", "build_mixup",
            "build_probe_dataset", "build_train_transform", "preserved_rngs", "sample_seed", "seed_rngs"]
 
 
@@ -201,6 +202,16 @@ class LeaveStopSignalsToMainProcess:
             os._exit(0)
 
 
+def leave_stop_signals_to_main_process() -> LeaveStopSignalsToMainProcess:
+    """One per process: every loader shares its exit flag and its single exit hook."""
+    return _signals_of_process(os.getpid())  # keyed by pid: a forked child gets its own flag
+
+
+@functools.cache
+def _signals_of_process(pid: int) -> LeaveStopSignalsToMainProcess:
+    return LeaveStopSignalsToMainProcess()
+
+
 # --- datasets ---------------------------------------------------------------------------------------
 
 def _read(raw: RawSplit, index: int, skip_corrupt: bool, counter: CorruptImageCounter) -> tuple[Any, int, bool]:
@@ -293,6 +304,18 @@ def _check_classes(recipe: Any, *splits: RawSplit) -> None:
                             f"{len(split.class_names)} classes of {split.description}")
 
 
+def build_eval_loader(recipe: Any, num_processes: int = 1, process_index: int = 0) -> DataLoader:
+    """The eval split only (no training data is opened), sharded exactly once over the processes
+    (`--eval-only`)."""
+    raw = load_split(recipe, "eval")
+    _check_classes(recipe, raw)
+    dataset = _eval_set(recipe, raw, CorruptImageCounter(recipe.data.num_workers))
+    return DataLoader(dataset, batch_size=recipe.eval.batch_size,
+                      sampler=ShardedEvalSampler(len(dataset), num_processes, process_index),
+                      num_workers=recipe.data.num_workers,
+                      pin_memory=recipe.data.pin_memory and torch.cuda.is_available())
+
+
 def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> DataBundle:
     """Datasets, rank-aware loaders and Mixup for process `process_index` of `num_processes`."""
     d, t = recipe.data, recipe.train
@@ -313,7 +336,7 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
                         f"(train.batch_size = {t.batch_size} x {num_processes} processes)")
     eval_sampler = ShardedEvalSampler(len(eval_set), num_processes, process_index)
 
-    worker_init_fn = LeaveStopSignalsToMainProcess() if d.num_workers > 0 else None
+    worker_init_fn = leave_stop_signals_to_main_process() if d.num_workers > 0 else None
 
     def loader(dataset: Dataset, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
         return DataLoader(

@@ -29,21 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from diagnostics.capture import scaled_position_embedding, stage_names, unwrap_model
 from diagnostics.records import build_record
 from diagnostics.suite import ProbeData, check_config, load_probe, run_diagnostics
 from trainer.checkpoint import MANIFEST, write_json_atomic
-from trainer.data import CorruptImageCounter, EvalSet, build_eval_transform, build_probe_dataset
-from trainer.data_sources import DataError, load_split
+from trainer.data import build_eval_loader, build_probe_dataset
 from trainer.distributed import build_accelerator
 from trainer.evaluate import evaluate
 from trainer.init_weights import resolve_weights_file
 from trainer.recipe import RecipeError, save_recipe
 from trainer.recipe_schema import Recipe
 from trainer.run_dir import RunDir, check_same_recipe
-from trainer.samplers import ShardedEvalSampler
 from trainer.setup import build_model
 from trainer.summary import accuracy_summary, model_cost
 
@@ -56,20 +53,6 @@ class EvalOnlyResult:
     metrics: dict[str, float]  # top1, top5 (percent)
     phases: dict[str, Any]  # diagnostics.phases.Phases as a dict
     pe_dominance: float | None
-
-
-def build_eval_loader(recipe: Recipe, num_processes: int, process_index: int) -> DataLoader:
-    """The eval split only (no training data is opened), sharded exactly once over the processes."""
-    raw = load_split(recipe, "eval")
-    if len(raw.class_names) > recipe.model.num_classes:
-        raise DataError(f"model.num_classes = {recipe.model.num_classes} is smaller than the "
-                        f"{len(raw.class_names)} classes of {raw.description}")
-    transform = None if recipe.data.source == "synthetic" else build_eval_transform(recipe)
-    dataset = EvalSet(raw, transform, recipe.data.skip_corrupt, CorruptImageCounter(recipe.data.num_workers))
-    return DataLoader(dataset, batch_size=recipe.eval.batch_size,
-                      sampler=ShardedEvalSampler(len(dataset), num_processes, process_index),
-                      num_workers=recipe.data.num_workers,
-                      pin_memory=recipe.data.pin_memory and torch.cuda.is_available())
 
 
 def probe_diagnostics_config(recipe: Recipe) -> Any:

@@ -268,7 +268,10 @@ def _build_section(name: str, cls: type, data: Any, provenance: Mapping) -> Any:
         ok, converted = _coerce(value, hints[key])
         if not ok:
             problem = "is not a valid choice" if _is_choice(hints[key]) else "has the wrong type"
-            raise RecipeError(f"{source}: {path} = {value!r} {problem}: expected {_describe(hints[key])}")
+            # YAML 1.1 reads off/on/no/yes as booleans: `precision: no` arrives as False
+            hint = (" (YAML reads on/off/yes/no as booleans: quote the word)"
+                    if isinstance(value, bool) and _is_choice(hints[key]) else "")
+            raise RecipeError(f"{source}: {path} = {value!r} {problem}: expected {_describe(hints[key])}{hint}")
         _check_range(converted, fields[key].metadata, f"{source}: {path}")
         kwargs[key] = converted
     return cls(**kwargs)
