@@ -3,8 +3,8 @@
 Metrics stream a probe set stage by stage (`diagnostics.streaming`) and work on any timm
 VisionTransformer; `run_diagnostics` runs the set a recipe's `diagnostics:` section asks for;
 records (`diagnostics.jsonl`, analysis.json) are read with `read_diagnostics` / `final_record`.
-The training callback lives in `diagnostics.callback`, figures in `diagnostics.plots` (both
-imported on demand: they pull in the trainer and matplotlib).
+The training callback lives in `diagnostics.callback`, its TensorBoard images in `diagnostics.raster`,
+offline figures in `diagnostics.plots` (imported on demand: they pull in the trainer and matplotlib).
 """
 
 from diagnostics.attention_metrics import AttentionMetrics

@@ -222,9 +222,9 @@ class DiagnosticsCallback(Callback):
                        "gradient norms, images)")
 
     def log_images(self, ctx: TrainContext) -> None:
-        """Heatmaps over every record so far and the latest phase curve. Only at checkpoint evaluations
-        (`tensorboard_images`): matplotlib costs more than the metrics at demo scale, and each heatmap
-        holds every evaluation so far anyway."""
+        """Heatmaps over every record so far and the latest phase curve, at checkpoint evaluations or once
+        at the end (`tensorboard_images`): each heatmap holds every evaluation so far anyway, and fewer
+        images keep TensorBoard's event files small."""
         if self.writer is None or self.images_step == ctx.step:
             return
         self.images_step = ctx.step

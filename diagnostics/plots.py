@@ -19,7 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from diagnostics.records import phase_indices, quantity, stage_step_matrix
+from diagnostics.raster import heatmap_values
+from diagnostics.records import phase_indices, quantity
 
 Series = Sequence[tuple[str, Mapping[str, Any]]]
 MAX_STAGE_TICKS = 16
@@ -217,12 +218,10 @@ def analysis_figures(series: Series, *, dpi: int = 100) -> dict[str, Figure]:
 def stage_step_heatmap(records: Sequence[Mapping[str, Any]], metric: str, key: str, title: str, *,
                        log: bool = False, dpi: int = 80) -> Figure | None:
     """Stage (rows, embed at the bottom) × training step (columns) of one quantity over one run's records."""
-    stages, steps, matrix = stage_step_matrix(records, metric, key)
+    stages, steps, values = heatmap_values(records, metric, key, log)
     if not steps:
         return None
-    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     if log:
-        values = np.log10(np.where(values > 0, values, np.nan))
         title = f"log10 {title}"
     figure, (ax,) = new_figure(1, width=6.4, height=4.0, dpi=dpi)
     figure.subplots_adjust(left=0.16, right=0.88, bottom=0.14)  # room for the colorbar's tick labels

@@ -146,18 +146,19 @@ def custom_scalars_layout(metrics: Iterable[str], models: Iterable[str]) -> dict
 
 def log_images(writer: Any, records: Sequence[Mapping[str, Any]], step: int, model: str) -> list[str]:
     """Heatmaps of every main quantity over `records` (one model's, oldest first) and the latest phase
-    curve, as images at `step`; returns the tags written."""
-    from diagnostics.plots import figure_to_rgb, phase_curve_figure, stage_step_heatmap
+    curve, as images at `step`; returns the tags written. Drawn by diagnostics/raster.py (milliseconds,
+    no matplotlib in the training process)."""
+    from diagnostics.raster import phase_curve_image, stage_step_heatmap_image
 
     prefix, written = tag_prefix(model), []
     for metric, key, log in HEATMAPS:
         name = quantity_name(metric, key)
-        figure = stage_step_heatmap(records, metric, key, f"{name} ({model} weights)", log=log)
-        if figure is not None:
-            writer.add_image(f"{prefix}/heatmap/{name}", figure_to_rgb(figure), step, dataformats="HWC")
+        image = stage_step_heatmap_image(records, metric, key, f"{name} ({model} weights)", log=log)
+        if image is not None:
+            writer.add_image(f"{prefix}/heatmap/{name}", image, step, dataformats="HWC")
             written.append(f"{prefix}/heatmap/{name}")
     if records and "token_similarity" in records[-1]:
-        figure = phase_curve_figure([(f"step {step}", records[-1])], dpi=80)
-        writer.add_image(f"{prefix}/phase_curve", figure_to_rgb(figure), step, dataformats="HWC")
+        writer.add_image(f"{prefix}/phase_curve", phase_curve_image(records[-1], f"step {step}"), step,
+                         dataformats="HWC")
         written.append(f"{prefix}/phase_curve")
     return written

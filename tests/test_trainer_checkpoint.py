@@ -1,7 +1,9 @@
 """Checkpoint files: completeness marker, atomic commit, retention, RNG streams, run-dir protection."""
 
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from trainer.checkpoint import (
     MANIFEST,
+    CheckpointError,
     capture_rng_state,
     commit,
     complete_checkpoints,
@@ -18,6 +21,7 @@ from trainer.checkpoint import (
     prune,
     remove_incomplete,
     restore_rng_state,
+    weights_only_torch_loads,
 )
 from trainer.run_dir import RunDir, RunDirError, prepare_run_dir, recipe_differences
 
@@ -66,6 +70,19 @@ def test_arbitrary_pickle_is_refused(tmp_path):
     torch.save({"obj": object()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="[Ww]eights only"):
         load_tensor_file(tmp_path / "evil.pt")
+
+
+def test_third_party_loads_that_ask_for_pickle_are_restricted_inside_the_guard(tmp_path):
+    # DeepSpeed's checkpoint engine calls torch.load(weights_only=False); inside the guard that is refused
+    # unless the class is explicitly allowed, and the guard leaves the environment as it found it.
+    torch.save({"obj": Path("x")}, tmp_path / "third_party.pt")
+    with pytest.raises(CheckpointError, match=r"^ckpt: refused to unpickle pathlib\.\w*Path "):
+        with weights_only_torch_loads(Path("ckpt")):
+            torch.load(tmp_path / "third_party.pt", weights_only=False)
+    with weights_only_torch_loads(Path("ckpt"), [type(Path("x"))]):
+        assert torch.load(tmp_path / "third_party.pt", weights_only=False)["obj"] == Path("x")
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert torch.load(tmp_path / "third_party.pt", weights_only=False)["obj"] == Path("x")
 
 
 def test_recipe_mismatch_names_keys_and_never_overwrites(tmp_path, tiny_recipe):

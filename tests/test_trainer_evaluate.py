@@ -76,3 +76,23 @@ def test_missing_deepspeed_is_a_clear_error(tiny_recipe, monkeypatch):
     monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DistributedSetupError, match=r"pip install 'depthlab\[deepspeed\]'"):
         distributed._deepspeed_plugin(tiny_recipe("distributed.strategy=deepspeed"))
+
+
+@pytest.mark.parametrize("kind,stage", [(DistributedType.FSDP, 2), (DistributedType.DEEPSPEED, 3)])
+def test_an_ema_is_refused_where_parameters_are_sharded(kind, stage, tiny_recipe):
+    with pytest.raises(DistributedSetupError, match=r"train.ema_decay under (FSDP|DeepSpeed ZeRO-3)"):
+        check_backend(tiny_recipe("train.ema_decay=0.99"), fake_accelerator(kind, stage))
+    check_backend(tiny_recipe("train.ema_decay=0.99"), fake_accelerator(DistributedType.DEEPSPEED, 2))
+
+
+def test_skipping_bad_batches_is_refused_under_deepspeed(tiny_recipe):
+    # DeepSpeed steps inside backward: the update is applied before the loss could be checked.
+    with pytest.raises(DistributedSetupError, match="train.nonfinite_max_skips = 2 under DeepSpeed"):
+        check_backend(tiny_recipe("train.nonfinite_max_skips=2"), fake_accelerator(DistributedType.DEEPSPEED, 2))
+    check_backend(tiny_recipe("train.nonfinite_max_skips=2"), fake_accelerator(DistributedType.MULTI_GPU))
+
+
+def test_deepspeed_without_a_launcher_is_a_clear_error(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(DistributedSetupError, match="needs a distributed launcher: `accelerate launch --use_deepspeed"):
+        distributed.build_accelerator(tiny_recipe("distributed.strategy=deepspeed"), tmp_path)

@@ -14,28 +14,15 @@ from trainer.train import main
 
 PYTHON = sys.executable
 ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 DDP_SCRIPT = """
-import hashlib, json, os, signal, sys
+import json, os, signal, sys
 from pathlib import Path
+from tests.rank_report import RankReport
 from trainer.callbacks import Callback
 from trainer.loop import train
 from trainer.recipe import load_recipe
-
-def digest(module):
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode()); h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-class RankReport(Callback):
-    def on_train_end(self, ctx):
-        m = ctx.unwrapped_model
-        report = {"pid": os.getpid(), "weights": digest(m), "ema": digest(ctx.ema_model),
-                  "tied": m.blocks[1].mlp is m.blocks[0].mlp, "ema_tied": ctx.ema_model.blocks[1].mlp is ctx.ema_model.blocks[0].mlp,
-                  "world": ctx.accelerator.num_processes}
-        Path(ctx.run_dir, f"rank{ctx.accelerator.process_index}.json").write_text(json.dumps(report))
 
 class PreemptRank1AtStep2(Callback):
     # Only rank 1 is signalled: every rank must still stop at the same step.

@@ -10,7 +10,8 @@ Layout of one checkpoint, `<run>/checkpoints/step_00001234/`:
     rng_rank<r>.pt         python / numpy / torch / cuda RNG states of process r (weights_only)
     trainer_state.json     step, epoch, data position, evaluation history, ...
     recipe.yaml            the resolved recipe
-    accelerate_state/      FSDP / DeepSpeed only: accelerate's sharded save_state
+    accelerate_state/      FSDP / DeepSpeed only: accelerate's sharded save_state (DeepSpeed's
+                           files are read with weights_only too, see `weights_only_torch_loads`)
     MANIFEST.json          written last: file names and sizes; a checkpoint is complete iff it
                            exists and matches the files
 
@@ -24,9 +25,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +192,34 @@ def _as_tuple(value: Any) -> Any:
 def load_tensor_file(path: Path, device: torch.device | str = "cpu") -> Any:
     """torch.load restricted to tensors and plain containers: never arbitrary pickle."""
     return torch.load(path, map_location=device, weights_only=True)
+
+
+@contextmanager
+def weights_only_torch_loads(where: Path, allowed_globals: Sequence[type] = ()) -> Iterator[None]:
+    """Every torch.load inside, including third-party ones that pass weights_only=False (DeepSpeed's
+    checkpoint engine), is restricted to tensors, plain containers and `allowed_globals`;
+    a refusal is a CheckpointError naming `where` and the refused class."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            yield
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = found.group(1) if found else str(error).splitlines()[0]
+        raise CheckpointError(f"{where}: refused to unpickle {what} (checkpoints load tensors and plain "
+                              "data only, never arbitrary objects)") from None
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def deepspeed_checkpoint_globals() -> list[type]:
+    """The plain-data classes DeepSpeed pickles into its ZeRO checkpoints (enums, records)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

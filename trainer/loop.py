@@ -9,9 +9,11 @@ before the step's callbacks, so a checkpoint written at that step already holds 
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from trainer.callbacks import Callback, StepRecord
@@ -70,9 +72,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: I
     status, stop_signal = "max_steps", None
     t.callbacks.on_train_start(ctx)
 
-    def before_optimizer_step() -> None:
-        t.callbacks.on_before_optimizer_step(ctx)
-
+    before_optimizer_step = partial(t.callbacks.on_before_optimizer_step, ctx)
     with StopRequest() as stop:
         t.parts.model.train()
         while state.epoch < epochs and state.step < t.stop_at and stop_signal is None:
@@ -133,4 +133,10 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: I
     ctx.extras["status"] = status
     t.callbacks.on_train_end(ctx)
     t.accelerator.end_training()
-    return TrainResult(status, state, t.run.root, checkpointer.last_path if checkpointer else None, stop_signal)
+    result = TrainResult(status, state, t.run.root, checkpointer.last_path if checkpointer else None, stop_signal)
+    # Free the run's objects (the prepared model's gloo work included) while the interpreter is fully
+    # alive: callbacks and context form reference cycles, and gloo work released during interpreter
+    # finalisation can abort a process at exit (pytorch/pytorch#179291).
+    del t, ctx, checkpointer
+    gc.collect()
+    return result

@@ -20,11 +20,13 @@ from trainer.checkpoint import (
     capture_rng_state,
     checkpoint_name,
     commit,
+    deepspeed_checkpoint_globals,
     fsync_file,
     load_tensor_file,
     point,
     read_manifest,
     restore_rng_state,
+    weights_only_torch_loads,
 )
 from trainer.ema import ParameterEma
 from trainer.recipe import save_recipe
@@ -116,7 +118,9 @@ def load_checkpoint(path: Path, accelerator: Accelerator, parts: Trainables) -> 
             "the global batch, learning rate and data order depend on it; resume with the same number")
     device = accelerator.device
     if is_sharded(accelerator):
-        accelerator.load_state(str(path / "accelerate_state"))
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        with weights_only_torch_loads(path, deepspeed_checkpoint_globals() if deepspeed else ()):
+            accelerator.load_state(str(path / "accelerate_state"))
     else:
         unwrapped = accelerator.unwrap_model(parts.model, keep_torch_compile=False)
         load_model(unwrapped, str(path / "model.safetensors"), strict=True, device=str(device))
