@@ -10,7 +10,7 @@ from models.factory import (
     save_model_file,
     spec_of,
 )
-from models.profile import ModelProfile, count_parameters, profile_model
+from models.profile import ModelProfile, count_parameters, parameter_dtype, profile_model
 from models.registry import BASE_MODELS, REGISTERED_MODELS
 from models.variants import (
     VARIANT_KINDS,
@@ -23,7 +23,7 @@ from models.variants import (
 
 __all__ = [
     "BASE_MODELS", "REGISTERED_MODELS", "VARIANT_KINDS", "ModelProfile", "VariantError",
-    "apply_grouped_mlp", "apply_shallow_mlp", "apply_variant", "count_parameters", "create_vit",
+    "apply_grouped_mlp", "apply_shallow_mlp", "apply_variant", "count_parameters", "create_vit", "parameter_dtype",
     "create_vit_from_recipe", "load_model_file", "model_kwargs_from_recipe", "profile_model",
     "read_spec", "rebuild_from_spec", "save_model_file", "spec_of", "truncate_depth",
 ]

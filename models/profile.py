@@ -83,3 +83,9 @@ def profile_model(model: nn.Module, name: str = "", img_size: int | None = None)
         macs_linear=macs_linear,
         macs_total=macs_total,
     )
+
+
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's floating-point weights are held in: what its inputs must be cast to when no
+    autocast does it (DeepSpeed keeps bf16/fp16 weights and does not autocast)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from trainer.callbacks import Callback
 
 
@@ -16,7 +18,7 @@ def digest(module) -> str:
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return h.hexdigest()
 
 

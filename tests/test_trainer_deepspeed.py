@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 through accelerate as 2 real CPU processes (DeepSpeed's CPU accelerator over gloo):
-it trains what DDP trains, every rank holds the same weights, and a stop-and-resume is exact."""
+it trains what DDP trains, every rank holds the same weights, a stop-and-resume is exact, and bf16
+keeps float32 weights where they matter."""
 
 import json
 import os
@@ -45,7 +46,7 @@ def launch(tmp_path, run, strategy, *extra, resume=""):
     return ranks, {r["step"]: r["loss"] for r in losses if r["kind"] == "train"}
 
 
-def test_zero2_trains_like_ddp_ranks_agree_and_resume_is_exact(tmp_path):
+def test_zero2_trains_like_ddp_ranks_agree_resume_is_exact_and_bf16_saves_fp32(tmp_path):
     ranks, zero2 = launch(tmp_path, tmp_path / "zero2", "deepspeed", "distributed.zero_stage=2")
     assert [r["backend"] for r in ranks] == ["DEEPSPEED", "DEEPSPEED"] and ranks[0]["world"] == 2
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["ema"] == ranks[1]["ema"]
@@ -68,3 +69,13 @@ def test_zero2_trains_like_ddp_ranks_agree_and_resume_is_exact(tmp_path):
     ranks_resumed, losses = launch(tmp_path, resumed, "deepspeed", "distributed.zero_stage=2", resume="auto")
     assert all(losses[s] == pytest.approx(zero2[s], abs=1e-6) for s in zero2)
     assert ranks_resumed[0]["weights"] == ranks[0]["weights"] and ranks_resumed[0]["ema"] == ranks[0]["ema"]
+
+    # bf16: DeepSpeed holds bf16 module weights (inputs are cast to them) over float32 masters; the
+    # checkpoint stores the masters and the EMA averages in float32 (bf16 would round its updates away).
+    bf16 = tmp_path / "bf16"
+    _, losses = launch(tmp_path, bf16, "deepspeed", "distributed.zero_stage=2", "train.precision='bf16'")
+    assert all(losses[s] == pytest.approx(zero2[s], abs=5e-3) for s in zero2)
+    for name in ("model", "ema"):
+        weights = load_model_file(bf16 / "checkpoints" / "last" / f"{name}.safetensors").state_dict()
+        qkv = weights["blocks.0.attn.qkv.weight"]
+        assert qkv.dtype == torch.float32 and (qkv != qkv.bfloat16().float()).float().mean() > 0.9, name

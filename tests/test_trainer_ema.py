@@ -66,3 +66,17 @@ def test_ema_save_load_round_trip_keeps_tie(tmp_path):
     other.load(tmp_path / "ema.safetensors")
     for (n, a), b in zip(ema.module.state_dict().items(), other.module.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_ema_of_half_precision_weights_averages_in_float32():
+    # DeepSpeed bf16 keeps bf16 module weights; at decay 0.9998 a bf16 average would never move.
+    model = torch.nn.Linear(4, 4).bfloat16()
+    ema = ParameterEma(model, decay=0.9998)
+    start = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert ema.module.weight.dtype == torch.float32
+    expected = start + 2e-4 * (model.weight.float() - start)  # lerp, by hand
+    torch.testing.assert_close(ema.module.weight, expected, rtol=0, atol=1e-7)
+    assert (ema.module.weight != start).all()

@@ -29,7 +29,9 @@ class ParameterEma:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # float32 whatever the model holds: a bf16 average would round away every update smaller
+        # than 2^-8 of a weight, i.e. all of them at decay 0.9998 (DeepSpeed keeps bf16 module weights)
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.num_updates = 0
 
     @staticmethod

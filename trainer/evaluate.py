@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from models import parameter_dtype
+
 
 def _metrics(num_classes: int, device: torch.device) -> dict[str, MulticlassAccuracy]:
     return {f"top{k}": MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro").to(device)
@@ -24,6 +26,7 @@ def evaluate(models: Mapping[str, nn.Module], loader: Iterable, accelerator, num
     """Accuracies in percent, keyed `top1`, `top5` for models[""] and `top1_ema`, ... for models["_ema"]."""
     device = accelerator.device
     metrics = {suffix: _metrics(num_classes, device) for suffix in models}
+    input_dtypes = {suffix: parameter_dtype(m) for suffix, m in models.items()}
     training = {suffix: m.training for suffix, m in models.items()}
     for m in models.values():
         m.eval()
@@ -33,7 +36,7 @@ def evaluate(models: Mapping[str, nn.Module], loader: Iterable, accelerator, num
             targets, valid = targets.to(device, non_blocking=True), valid.to(device, non_blocking=True)
             for suffix, model in models.items():
                 with accelerator.autocast():
-                    logits = model(images)
+                    logits = model(images.to(input_dtypes[suffix]))
                 for metric in metrics[suffix].values():
                     metric.update(logits[valid].float(), targets[valid])
     finally:

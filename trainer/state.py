@@ -72,6 +72,27 @@ class Trainables:
     ema: ParameterEma | None
 
 
+def full_precision_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a sharded run (collective; complete on the main process).
+
+    DeepSpeed with bf16/fp16 trains float32 master weights behind half-precision module weights; those
+    masters are what model.safetensors holds (a bf16 copy would lose the low bits of every weight).
+    """
+    state = accelerator.get_state_dict(model)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return state
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    unwrapped = accelerator.unwrap_model(model)
+    masters = {id(p): safe_get_full_fp32_param(p)  # collective: the same parameter order on every rank
+               for p in unwrapped.parameters() if p.dtype != torch.float32}
+    for name, param in unwrapped.named_parameters(remove_duplicate=False):  # every alias of a shared tensor
+        master = masters.get(id(param))
+        if master is not None and name in state:
+            state[name] = master.to("cpu")
+    return state
+
+
 def save_checkpoint(root: Path, accelerator: Accelerator, parts: Trainables, state: TrainState, recipe: Recipe,
                     tags: list[str]) -> Path:
     """Write one complete checkpoint atomically (collective: call on every process)."""
@@ -84,7 +105,7 @@ def save_checkpoint(root: Path, accelerator: Accelerator, parts: Trainables, sta
     full_state_dict = None
     if is_sharded(accelerator):
         accelerator.save_state(str(tmp / "accelerate_state"), safe_serialization=True)
-        full_state_dict = accelerator.get_state_dict(parts.model)
+        full_state_dict = full_precision_state_dict(accelerator, parts.model)
     rng_file = tmp / f"rng_rank{accelerator.process_index}.pt"
     torch.save(capture_rng_state(), rng_file)
     fsync_file(rng_file)

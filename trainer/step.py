@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from models import parameter_dtype
 from trainer.ema import ParameterEma
 
 
@@ -36,6 +37,7 @@ class UpdateStep:
         self.clip_grad_norm = clip_grad_norm
         self.unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         self.device = accelerator.device
+        self.input_dtype = parameter_dtype(self.unwrapped)
         self.window_loss = torch.zeros((), device=self.device)
         self.micro_batches = 0
 
@@ -47,7 +49,9 @@ class UpdateStep:
             images, targets = self.mixup_fn(images, targets)
         with self.accelerator.accumulate(self.model):
             with self.accelerator.autocast():
-                loss = self.criterion(self.model(images), targets)
+                # float32 loss also where the weights themselves are half precision (DeepSpeed bf16/fp16,
+                # which takes inputs in the weights' dtype and does not autocast)
+                loss = self.criterion(self.model(images.to(self.input_dtype)).float(), targets)
             self.accelerator.backward(loss)
         self.window_loss += loss.detach().float()
         self.micro_batches += 1
