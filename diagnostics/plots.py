@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from diagnostics.raster import heatmap_values
+from diagnostics.raster import heatmap_values, stage_values
 from diagnostics.records import phase_indices, quantity
 
 Series = Sequence[tuple[str, Mapping[str, Any]]]
@@ -53,16 +53,6 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def _values(record: Mapping[str, Any], metric: str, key: str, log: bool = False) -> np.ndarray | None:
-    values = quantity(record, metric, key)
-    if values is None:
-        return None
-    array = np.array([np.nan if v is None else v for v in values], dtype=float)
-    if log:
-        array = np.where(array > 0, array, np.nan)
-    return array
-
-
 def _stage_axis(ax: Any, series: Series) -> None:
     stages = max((record["stages"] for _, record in series), key=len)
     step = -(-len(stages) // MAX_STAGE_TICKS)
@@ -77,7 +67,7 @@ def _curve_panel(ax: Any, series: Series, metric: str, key: str, title: str, log
     """One quantity of every record on `ax`; False when no record has it."""
     drawn = False
     for index, (label, record) in enumerate(series):
-        values = _values(record, metric, key, log)
+        values = stage_values(record, metric, key, positive=log)
         if values is None or np.isnan(values).all():
             continue
         ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=label)
@@ -126,7 +116,7 @@ def isi_figure(series: Series, *, dpi: int = 100) -> Figure:
     axes[0].axhline(0, color="grey", linewidth=0.6)
     for index, (label, record) in enumerate(series):
         for key, style in (("r2_self", "-"), ("r2_all", "--")):
-            values = _values(record, "isi", key)
+            values = stage_values(record, "isi", key)
             if values is not None:
                 axes[1].plot(np.arange(len(values)), values, style, marker="o", markersize=3, color=f"C{index}",
                              label=f"{label} {key}".strip() if index == 0 or key == "r2_self" else None)
@@ -163,7 +153,7 @@ def neural_collapse_figure(series: Series, *, dpi: int = 100) -> Figure:
     bars = axes[3]
     width = 0.8 / len(series)
     for index, (label, record) in enumerate(series):
-        final = {key: (_values(record, "neural_collapse", key) if "neural_collapse" in record else None)
+        final = {key: (stage_values(record, "neural_collapse", key) if "neural_collapse" in record else None)
                  for key in NC_FINAL_KEYS}
         heights = [values[-1] if values is not None else np.nan for values in final.values()]
         drawn = bars.bar(np.arange(len(NC_FINAL_KEYS)) + index * width, heights, width, color=f"C{index}",
@@ -184,7 +174,7 @@ def plasticity_figure(series: Series, *, dpi: int = 100) -> Figure:
         figure, (ax,) = new_figure(1, dpi=dpi)
         label, record = series[0]
         for index, key in enumerate(components):
-            values = _values(record, "plasticity", key)
+            values = stage_values(record, "plasticity", key)
             ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=key)
         ax.set_title("plasticity ‖f(X) − f(Y)‖ / ‖X − Y‖ per component" + (f" ({label})" if label else ""),
                      fontsize=10)

@@ -100,12 +100,22 @@ class Canvas:
         return np.asarray(self.image).copy()
 
 
+def stage_values(record: Mapping[str, Any], metric: str, key: str, positive: bool = False) -> np.ndarray | None:
+    """One per-stage quantity of a record as floats (None -> NaN; with `positive`, values <= 0 too,
+    for a log scale), or None when the record lacks it."""
+    values = quantity(record, metric, key)
+    if values is None:
+        return None
+    array = np.array(values, dtype=float)  # None -> NaN
+    return np.where(array > 0, array, np.nan) if positive else array
+
+
 def heatmap_values(records: Sequence[Mapping[str, Any]], metric: str, key: str,
                    log: bool = False) -> tuple[list[str], list[int], np.ndarray]:
     """(stages, steps, values[stage, step]) of one quantity over one model's records; missing values are
     NaN, and with `log` the values are log10 (non-positive ones NaN)."""
     stages, steps, matrix = stage_step_matrix(records, metric, key)
-    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    values = np.array(matrix, dtype=float)  # None -> NaN
     if log:
         with np.errstate(divide="ignore", invalid="ignore"):
             values = np.log10(np.where(values > 0, values, np.nan))
@@ -250,11 +260,6 @@ def _legend(canvas: Canvas, box: Box, entries: Sequence[tuple[str, tuple[int, in
         x += canvas.text_width(text, 10) + 26
 
 
-def _per_stage(record: Mapping[str, Any], key: str) -> np.ndarray | None:
-    values = quantity(record, "token_similarity", key)
-    return None if values is None else np.array([np.nan if v is None else v for v in values], dtype=float)
-
-
 def phase_curve_image(record: Mapping[str, Any], label: str = "", *, width: int = 1024,
                       height: int = 288) -> np.ndarray:
     """Centered token similarity S_c with the detected cliff end, plateau and climb start; raw S beside it."""
@@ -263,7 +268,7 @@ def phase_curve_image(record: Mapping[str, Any], label: str = "", *, width: int 
     half = width // 2
     for offset, key, title, marks in ((0, "centered", "centered token similarity S_c", phase_indices(record)),
                                       (half, "raw", "raw token similarity S", None)):
-        values = _per_stage(record, key)
+        values = stage_values(record, "token_similarity", key)
         curves = [(values, label if marks else "")] if values is not None else []  # label once, left
         curve_panel(canvas, (offset + 52, 34, offset + half - 14, height - 30), stages, curves, title,
                     marks=marks, zero_line=key == "centered")

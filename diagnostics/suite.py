@@ -34,6 +34,7 @@ from diagnostics.phases import phases_from_similarity
 from diagnostics.plasticity import Plasticity, draw_pairs
 from diagnostics.streaming import ProbeBatch, StreamingMetric, run_probe
 from diagnostics.token_similarity import PositionEmbeddingDominance, TokenSimilarity
+from models import parameter_dtype
 from trainer.recipe import RecipeError
 
 PROBE_METRICS = ("token_similarity", "isi", "attention", "neural_collapse", "plasticity")
@@ -195,8 +196,7 @@ def run_diagnostics(model: nn.Module, probe: ProbeData, cfg: Any, num_classes: i
     process returns the same results.
     """
     model = unwrap_model(model)
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
+    device, dtype = next(model.parameters()).device, parameter_dtype(model)
     metrics = build_metrics(model, cfg, num_classes, with_accuracy=with_accuracy)
     results = run_probe(model, lambda: probe.batches(cfg.probe_batch_size, device, dtype), metrics)
     if "plasticity" in cfg.metrics:

@@ -105,7 +105,7 @@ def check_backend(recipe: Recipe, accelerator: Accelerator) -> None:
     if wanted is not None and kind != wanted:
         raise DistributedSetupError(
             f"distributed.strategy = {recipe.distributed.strategy!r}, but accelerate set up {kind.value} "
-            f"(device {accelerator.device}); FSDP needs GPUs, DeepSpeed several processes, launched with `accelerate launch`")
+            f"(device {accelerator.device}); FSDP needs GPUs, and both need `accelerate launch`")
     zero3 = kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
     if recipe.variant.kind == "grouped_mlp" and (kind == DistributedType.FSDP or zero3):
         backend = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
