@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from diagnostics.records import final_record, read_diagnostics
+from models.errors import UserError
 from trainer.recipe import RecipeError, flatten_recipe
 from trainer.recipe_schema import Recipe
-from trainer.run_dir import RESUME_MUTABLE_KEYS, load_saved_recipe
-from trainer.run_state import read_summary
+from trainer.run_dir import RESUME_MUTABLE_KEYS, RunDir, load_saved_recipe, read_summary
 
 SWEEP_MANIFEST = "sweep.json"
 SEED_KEY = "train.seed"
@@ -35,7 +35,7 @@ NOT_A_VARIANT = frozenset(RESUME_MUTABLE_KEYS | {SEED_KEY})
 _BLOCK = re.compile(r"block_(\d+)$")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """Report input that cannot be used (no runs under a path, unreadable files)."""
 
 
@@ -99,7 +99,7 @@ def _manifest_points(sweep_dir: Path) -> tuple[str, dict[str, dict]]:
 def load_run(path: Path, name: str | None = None, labels: dict[str, str] | None = None,
              sweep: str | None = None) -> Run:
     try:
-        recipe = load_saved_recipe(path / "recipe.yaml")
+        recipe = load_saved_recipe(RunDir(path).recipe)
         flat = flatten_recipe(recipe)
     except (RecipeError, OSError):
         recipe, flat = None, {}  # an older schema: shown by name, not grouped by recipe
@@ -108,9 +108,11 @@ def load_run(path: Path, name: str | None = None, labels: dict[str, str] | None 
 
 
 def _run_dirs(root: Path) -> list[Path]:
-    if (root / "recipe.yaml").is_file():
+    layout = RunDir(root)
+    if layout.is_run():
         return [root]
-    return sorted(p.parent for p in root.rglob("recipe.yaml") if p.parent.parent.name != "checkpoints")
+    # run dirs are found by their recipe.yaml; checkpoints hold copies of it
+    return sorted(p.parent for p in root.rglob(layout.recipe.name) if p.parent.parent.name != layout.checkpoints.name)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -300,7 +302,7 @@ def select_best(groups: list[Group], key: str, metric: str = "top1_final",
 
 def eval_history(run_dir: str | Path) -> list[dict]:
     """The `kind: eval` records of `<run>/metrics.jsonl` (epoch, top1, top5, top1_ema, ...)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(Path(run_dir)).metrics
     if not path.is_file():
         return []
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())

@@ -34,13 +34,15 @@ from ablations.launch import (
     train_command,
 )
 from ablations.sweep_spec import SweepError, SweepPoint, SweepSpec, expand, load_sweep
-from trainer.cli import exit_on_user_error, register_user_error
-from trainer.init_weights import resolve_weights_file
+from trainer.cli import exit_on_user_error
 from trainer.recipe import RecipeError, save_recipe
-from trainer.run_dir import load_saved_recipe, recipe_differences
-from trainer.run_state import run_is_finished
-
-register_user_error(SweepError)
+from trainer.run_dir import (
+    RunDir,
+    load_saved_recipe,
+    recipe_differences,
+    resolve_weights_file,
+    run_is_finished,
+)
 
 SWEEP_MANIFEST = "sweep.json"
 RUNS_SUBDIR = "runs"
@@ -55,7 +57,7 @@ class PointState:
 
 
 def point_state(point: SweepPoint, run_dir: Path) -> PointState:
-    saved = run_dir / "recipe.yaml"
+    saved = RunDir(run_dir).recipe
     if saved.is_file():
         try:
             diffs = recipe_differences(load_saved_recipe(saved), point.recipe)

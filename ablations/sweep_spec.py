@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from models.errors import UserError
 from trainer.recipe import RecipeError, did_you_mean, load_recipe
 from trainer.recipe_schema import Recipe
 
@@ -46,7 +47,7 @@ LAUNCHER_KEYS = ("accelerate_args", "slurm", "max_parallel")
 MODES = ("train", "evaluate")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot be expanded or a sweep state that must not be touched."""
 
 

@@ -24,13 +24,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_sum_dict(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """Sum every tensor of a mapping over ranks (keys must match on all ranks), in a fixed key order."""
-    for key in sorted(tensors):
-        all_reduce_sum(tensors[key])
-    return tensors
-
-
 def all_reduce_sum_states(states: Mapping[str, torch.Tensor],
                           device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Sum named float64 statistics over ranks, tolerating ranks that never created some of them.

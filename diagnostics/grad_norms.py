@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from diagnostics.capture import block_stage, unwrap_model
+from diagnostics.registry import COMPONENTS
 
-GRAD_COMPONENTS = ("LN1", "MHA", "LN2", "FC1", "FC2")
+GRAD_COMPONENTS = COMPONENTS
 
 
 def block_components(block: nn.Module) -> dict[str, nn.Module]:

@@ -141,6 +141,15 @@ class ScramblingIndex(StreamingMetric):
         self.num_passes = len(self.stage_groups) + len(self.phases) - 1
         super().__init__()
 
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any) -> ScramblingIndex:
+        """From a recipe's `diagnostics:` section (its `isi_*` knobs)."""
+        budget = None if cfg.isi_memory_budget_gb is None else int(cfg.isi_memory_budget_gb * 2**30)
+        return cls(model, variant=cfg.isi_variant, pca_rank=cfg.isi_pca_rank, pca_oversample=cfg.isi_pca_oversample,
+                   pca_power_iterations=cfg.isi_pca_power_iterations, holdout_fraction=cfg.isi_holdout_fraction,
+                   validation_fraction=cfg.isi_validation_fraction, seed=cfg.isi_seed, ridge_grid=cfg.isi_ridge_grid,
+                   stages=cfg.isi_stages or None, memory_budget_bytes=budget)
+
     def reset(self) -> None:
         super().reset()
         self._results: dict[str, dict[str, Any]] = {}

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagnostics.capture import PE, Stage, block_stage, unwrap_model
+from diagnostics.registry import COMPONENTS
 from diagnostics.streaming import ProbeBatch, StreamingMetric, ordered_stages, update_metrics
 
-COMPONENTS = ("LN1", "MHA", "LN2", "FC1", "FC2")
 PLASTICITY_MODES = ("paper", "in_situ")
 
 

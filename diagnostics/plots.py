@@ -1,5 +1,4 @@
-"""Figures of diagnostics records, shared by the training callback (TensorBoard images),
-tools/analyze.py and tools/report.py.
+"""Figures of diagnostics records (matplotlib), for tools/analyze.py and tools/report.py.
 
 Every curve figure takes `series`, a list of (label, record) pairs in the diagnostics.jsonl
 layout (diagnostics/records.py), and overlays them: one colour per record. The x axis is the
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 
 from diagnostics.raster import heatmap_values, stage_values
 from diagnostics.records import phase_indices, quantity
+from diagnostics.registry import METRICS
 
 Series = Sequence[tuple[str, Mapping[str, Any]]]
 MAX_STAGE_TICKS = 16
@@ -189,20 +189,16 @@ def plasticity_figure(series: Series, *, dpi: int = 100) -> Figure:
     return figure
 
 
-# name -> (metric the record needs, figure function): the PNGs tools/analyze.py writes
-ANALYSIS_FIGURES: dict[str, tuple[str, Callable[..., Figure]]] = {
-    "phase_curves": ("token_similarity", phase_curve_figure),
-    "isi": ("isi", isi_figure),
-    "attention": ("attention", attention_figure),
-    "neural_collapse": ("neural_collapse", neural_collapse_figure),
-    "plasticity": ("plasticity", plasticity_figure),
-}
-
-
 def analysis_figures(series: Series, *, dpi: int = 100) -> dict[str, Figure]:
-    """Every figure some record of `series` has data for, by name."""
-    return {name: make(series, dpi=dpi) for name, (metric, make) in ANALYSIS_FIGURES.items()
-            if any(metric in record for _, record in series)}
+    """Every figure (diagnostics/registry.py) some record of `series` has data for, by file name: the PNGs
+    tools/analyze.py writes."""
+    make: Callable[..., Figure]
+    figures = {}
+    for metric, spec in METRICS.items():
+        if spec.figure is not None and any(metric in record for _, record in series):
+            make = globals()[spec.figure.function]
+            figures[spec.figure.file] = make(series, dpi=dpi)
+    return figures
 
 
 def stage_step_heatmap(records: Sequence[Mapping[str, Any]], metric: str, key: str, title: str, *,

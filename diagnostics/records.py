@@ -24,25 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from diagnostics.capture import NORM
-from diagnostics.grad_norms import GRAD_COMPONENTS
-from diagnostics.plasticity import COMPONENTS
+from diagnostics.registry import METRICS, PER_STAGE_KEYS
+from models.errors import UserError
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
-
-# metric -> the per-stage keys a record keeps (in this order)
-PER_STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "token_similarity": ("raw", "centered"),
-    "isi": ("isi", "r2_self", "r2_all"),
-    "attention": ("cls_centrality", "cls_centrality_ratio", "consensus", "entropy", "entropy_normalized",
-                  "mean_distance"),
-    "neural_collapse": ("nc1", "nc2_etf_gap", "nc2_equinorm_cv", "nc3_self_duality", "nc4_ncc_mismatch",
-                        "logit_margin"),
-    "plasticity": COMPONENTS,
-}
 PHASE_BOUNDARIES = ("cliff_end", "plateau_start", "plateau_end", "climb_start")
 
 
-class DiagnosticsRecordError(ValueError):
+class DiagnosticsRecordError(UserError):
     """A diagnostics.jsonl that cannot be read (a malformed line that is not a cut-off last line)."""
 
 
@@ -94,7 +83,7 @@ def build_record(results: Mapping[str, Any], stages: Sequence[str], *, step: int
                 record["phases"] = json_value(results["phases"])
     if grad_norms is not None:
         record["grad_norms"] = {component: aligned(grad_norms.get(component, {}), stages)
-                                for component in GRAD_COMPONENTS}
+                                for component in METRICS["grad_norms"].keys}
     accuracy = results.get("probe_accuracy", {}).get(NORM)
     if accuracy:
         record["probe_top1"] = json_value(accuracy["top1"])

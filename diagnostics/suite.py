@@ -1,10 +1,10 @@
 """The diagnostics a recipe's `diagnostics:` section asks for, run over a fixed probe set.
 
-One place builds the metrics from the section and runs them, for the training callback
-(diagnostics/callback.py) and for offline analysis (tools/analyze.py), so both measure alike:
+One place builds the metrics from the section and runs them, for training
+(trainer/training_diagnostics.py) and for offline analysis (tools/analyze.py), so both measure alike:
 
     check_config(cfg, model)                                   # bad knobs -> DiagnosticsSetupError
-    probe = load_probe(build_probe_dataset(recipe, cfg.probe_size, cfg.probe_seed), cfg, rank, world)
+    probe = load_probe(dataset, cfg, rank, world)                # dataset: (image, label) pairs
     results = run_diagnostics(model, probe, cfg, num_classes)   # collective in multi-process runs
     # {"token_similarity": {stage: ...}, "pe_dominance": ..., "phases": {...}, "isi": ..., ...}
 
@@ -25,22 +25,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diagnostics.attention_metrics import AttentionMetrics
 from diagnostics.capture import NORM, Stage, stage_names, unwrap_model
 from diagnostics.isi import ScramblingIndex
 from diagnostics.isi_regressions import PER_POSITION_WELL_POSED_RATIO
-from diagnostics.neural_collapse import NeuralCollapse
 from diagnostics.phases import phases_from_similarity
 from diagnostics.plasticity import Plasticity, draw_pairs
+from diagnostics.registry import METRICS
 from diagnostics.streaming import ProbeBatch, StreamingMetric, run_probe
-from diagnostics.token_similarity import PositionEmbeddingDominance, TokenSimilarity
 from models import parameter_dtype
-from trainer.recipe import RecipeError
-
-PROBE_METRICS = ("token_similarity", "isi", "attention", "neural_collapse", "plasticity")
+from models.errors import UserError
 
 
-class DiagnosticsSetupError(RecipeError):
+class DiagnosticsSetupError(UserError):
     """A diagnostics section that cannot run on this model or setup (names the key and value)."""
 
 
@@ -71,18 +67,6 @@ class ProbeAccuracy(StreamingMetric):
                        "num_images": int(images.item())}}
 
 
-def isi_budget_bytes(cfg: Any) -> int | None:
-    return None if cfg.isi_memory_budget_gb is None else int(cfg.isi_memory_budget_gb * 2**30)
-
-
-def build_isi(model: nn.Module, cfg: Any) -> ScramblingIndex:
-    return ScramblingIndex(
-        model, variant=cfg.isi_variant, pca_rank=cfg.isi_pca_rank, pca_oversample=cfg.isi_pca_oversample,
-        pca_power_iterations=cfg.isi_pca_power_iterations, holdout_fraction=cfg.isi_holdout_fraction,
-        validation_fraction=cfg.isi_validation_fraction, seed=cfg.isi_seed, ridge_grid=cfg.isi_ridge_grid,
-        stages=cfg.isi_stages or None, memory_budget_bytes=isi_budget_bytes(cfg))
-
-
 def check_config(cfg: Any, model: nn.Module, where: str = "diagnostics") -> None:
     """Refuse knobs the schema's ranges cannot express; warn where ISI would be ill-conditioned."""
     for key in ("isi_holdout_fraction", "isi_validation_fraction"):
@@ -98,7 +82,7 @@ def check_config(cfg: Any, model: nn.Module, where: str = "diagnostics") -> None
         raise DiagnosticsSetupError(f"{where}.isi_stages: {unknown} are not stages of this model "
                                     f"({', '.join(known)})")
     try:
-        isi = build_isi(model, cfg)
+        isi = ScramblingIndex.from_config(model, cfg)
     except ValueError as error:
         raise DiagnosticsSetupError(f"{where}: {error}") from None
     # the rule ISI itself warns by (diagnostics/isi_regressions.py), checked before any training step
@@ -114,16 +98,10 @@ def check_config(cfg: Any, model: nn.Module, where: str = "diagnostics") -> None
 def build_metrics(model: nn.Module, cfg: Any, num_classes: int, *,
                   with_accuracy: bool = True) -> list[StreamingMetric]:
     """Fresh streaming metrics for one probe run (plasticity, which pairs images, runs apart)."""
-    enabled = set(cfg.metrics)
     metrics: list[StreamingMetric] = []
-    if "token_similarity" in enabled:
-        metrics += [TokenSimilarity(include_cls=cfg.include_cls), PositionEmbeddingDominance()]
-    if "attention" in enabled:
-        metrics.append(AttentionMetrics())
-    if "neural_collapse" in enabled:
-        metrics.append(NeuralCollapse(model, num_classes, all_stages=cfg.nc_all_stages))
-    if "isi" in enabled:
-        metrics.append(build_isi(model, cfg))
+    for name, spec in METRICS.items():
+        if name in cfg.metrics and spec.build is not None:
+            metrics += spec.build(model, cfg, num_classes)
     if with_accuracy:
         metrics.append(ProbeAccuracy())
     return metrics

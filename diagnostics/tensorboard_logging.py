@@ -16,7 +16,8 @@ A quantity is `<family>_<key>`, without repeating a family the key already start
     nc_logit_margin  plasticity_{LN1,MHA,LN2,FC1,FC2}  grad_norm_{LN1,MHA,LN2,FC1,FC2}
 
 (grad_norm_* are training-time gradients of the raw weights, always under `depth/`.) The
-custom-scalars layout puts every quantity's stages in one multi-line chart.
+custom-scalars layout puts every quantity's stages in one multi-line chart. Families, heatmaps and
+summaries are declared per metric in diagnostics/registry.py.
 """
 
 from __future__ import annotations
@@ -25,15 +26,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from diagnostics.grad_norms import GRAD_COMPONENTS
-from diagnostics.records import PER_STAGE_KEYS, phase_indices, quantity
+from diagnostics.records import phase_indices, quantity
+from diagnostics.registry import METRICS, PER_STAGE_KEYS, Summary
 
-FAMILIES = {"token_similarity": "token_sim", "isi": "isi", "attention": "attn", "neural_collapse": "nc",
-            "plasticity": "plasticity", "grad_norms": "grad_norm"}
-# (metric, key, log scale) of the stage x step heatmaps
-HEATMAPS = (("token_similarity", "centered", False), ("isi", "isi", False),
-            ("attention", "cls_centrality_ratio", False), ("attention", "consensus", False),
-            ("neural_collapse", "nc1", True), ("plasticity", "MHA", False))
+GRAD_NORMS = METRICS["grad_norms"]
 PHASE_SUMMARIES = ("plateau_length", "cliff_size", "tau", "plateau_median")
 STAGE_REGEX = r"(embed|pe|block_\d+|norm)$"  # per-stage tags only (`depth/isi/max` is a summary)
 
@@ -43,8 +39,7 @@ def tag_prefix(model: str) -> str:
 
 
 def quantity_name(metric: str, key: str) -> str:
-    family = FAMILIES[metric]
-    return key if key.startswith(family) else f"{family}_{key}"
+    return METRICS[metric].quantity(key)
 
 
 def stage_tag(stage: str, num_blocks: int) -> str:
@@ -76,9 +71,25 @@ def stage_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
-def _block_values(record: Mapping[str, Any], metric: str, key: str) -> list[float]:
-    values = quantity(record, metric, key) or []
-    return [v for stage, v in zip(record["stages"], values) if stage.startswith("block_") and _finite(v)]
+def _reduce(record: Mapping[str, Any], metric: str, summary: Summary) -> float | None:
+    """A declared summary of one per-stage key (None when undefined)."""
+    values = quantity(record, metric, summary.key)
+    if not values:
+        return None
+    if summary.reduce == "final":
+        return values[-1]
+    if summary.reduce in ("last_block", "block_mean"):
+        blocks = [v for stage, v in zip(record["stages"], values) if stage.startswith("block_") and _finite(v)]
+        if not blocks:
+            return None
+        return blocks[-1] if summary.reduce == "last_block" else sum(blocks) / len(blocks)
+    finite = [(i, v) for i, v in enumerate(values) if _finite(v)]
+    if not finite:
+        return None
+    if summary.reduce == "mean":
+        return sum(v for _, v in finite) / len(finite)
+    argmax, maximum = max(finite, key=lambda item: item[1])
+    return maximum if summary.reduce == "max" else argmax
 
 
 def summary_scalars(record: Mapping[str, Any]) -> dict[str, float]:
@@ -96,19 +107,9 @@ def summary_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         out.update({f"phase/{name}": record["phases"].get(name) for name in PHASE_SUMMARIES})
     if "pe_dominance" in record:
         out["token_sim/pe_dominance"] = record["pe_dominance"]
-    isi = [(i, v) for i, v in enumerate(quantity(record, "isi", "isi") or []) if _finite(v)]
-    if isi:
-        argmax, maximum = max(isi, key=lambda item: item[1])
-        out.update({"isi/max": maximum, "isi/argmax": argmax, "isi/mean": sum(v for _, v in isi) / len(isi)})
-    for key in ("cls_centrality_ratio", "consensus"):
-        values = _block_values(record, "attention", key)
-        out[f"attn/{key}_last"] = values[-1] if values else None
-    for key in PER_STAGE_KEYS["neural_collapse"]:
-        values = quantity(record, "neural_collapse", key)
-        out[f"nc/{key}_final"] = values[-1] if values else None
-    for key in PER_STAGE_KEYS["plasticity"]:
-        values = _block_values(record, "plasticity", key)
-        out[f"plasticity/{key}_mean"] = sum(values) / len(values) if values else None
+    for metric, spec in METRICS.items():
+        for summary in spec.summaries:
+            out[f"{spec.family}/{summary.name}"] = _reduce(record, metric, summary)
     out["probe/top1"] = record.get("probe_top1")
     out["cost/elapsed_s"] = record.get("elapsed_s")
     return {f"{prefix}/{name}": float(value) for name, value in out.items() if _finite(value)}
@@ -116,8 +117,8 @@ def summary_scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 def grad_norm_scalars(norms: Mapping[str, Mapping[str, float | None]], num_blocks: int) -> dict[str, float]:
     """`depth/grad_norm_<component>/<block>` from `component_grad_norms` output."""
-    return {f"depth/grad_norm_{component}/{stage_tag(stage, num_blocks)}": float(value)
-            for component in GRAD_COMPONENTS for stage, value in norms.get(component, {}).items()
+    return {f"depth/{GRAD_NORMS.quantity(component)}/{stage_tag(stage, num_blocks)}": float(value)
+            for component in GRAD_NORMS.keys for stage, value in norms.get(component, {}).items()
             if _finite(value)}
 
 
@@ -139,8 +140,8 @@ def custom_scalars_layout(metrics: Iterable[str], models: Iterable[str]) -> dict
         layout[f"{prefix}: per stage ({model} weights)"] = charts
     if "grad_norms" in metrics:
         layout["depth: gradient norms per block"] = {
-            f"grad_norm_{component}": ["Multiline", [f"depth/grad_norm_{component}/{STAGE_REGEX}"]]
-            for component in GRAD_COMPONENTS}
+            GRAD_NORMS.quantity(component): ["Multiline", [f"depth/{GRAD_NORMS.quantity(component)}/{STAGE_REGEX}"]]
+            for component in GRAD_NORMS.keys}
     return layout
 
 
@@ -151,10 +152,13 @@ def log_images(writer: Any, records: Sequence[Mapping[str, Any]], step: int, mod
     from diagnostics.raster import phase_curve_image, stage_step_heatmap_image
 
     prefix, written = tag_prefix(model), []
-    for metric, key, log in HEATMAPS:
-        name = quantity_name(metric, key)
-        image = stage_step_heatmap_image(records, metric, key, f"{name} ({model} weights)", log=log)
-        if image is not None:
+    for metric, spec in METRICS.items():
+        for heatmap in spec.heatmaps:
+            name = spec.quantity(heatmap.key)
+            image = stage_step_heatmap_image(records, metric, heatmap.key, f"{name} ({model} weights)",
+                                             log=heatmap.log)
+            if image is None:
+                continue
             writer.add_image(f"{prefix}/heatmap/{name}", image, step, dataformats="HWC")
             written.append(f"{prefix}/heatmap/{name}")
     if records and "token_similarity" in records[-1]:

@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
+from models import create_vit
 from trainer.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,28 @@ def tiny_recipe():
         return load_recipe(path, [*TINY_OVERRIDES, *overrides])
 
     return make
+
+
+def tiny_vit(variant: dict | None = None, *, seed: int | None = 0, eval: bool = True, **kwargs) -> torch.nn.Module:
+    """vit_tiny_patch16_224's layout at toy size (16 px, 4 px patches, width 16, depth 2, 2 heads, 10 classes),
+    built through depthlab's factory (`variant` as in `create_vit`); `kwargs` override the sizes or pass any
+    timm kwarg. Seeded with `seed` first (None: the caller's RNG), in eval mode unless `eval=False`.
+    Test modules bind their own sizes with `functools.partial`."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    options = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=10)
+    model = create_vit("vit_tiny_patch16_224", variant, **{**options, **kwargs})
+    return model.eval() if eval else model
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """The test machine's 2 cores are shared: intra-op threads on tiny matrices only add contention
+    (OpenMP spinning made tiny models ~5x slower). Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
-import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,12 +20,9 @@ from diagnostics.attention_metrics import (
 )
 from diagnostics.capture import iterate_stages
 from diagnostics.streaming import run_probe, update_metrics
+from tests import conftest
 
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    options = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-    return timm.create_model("vit_tiny_patch16_224", **{**options, **kwargs}).eval()
+tiny_vit = partial(conftest.tiny_vit, img_size=32, embed_dim=32, depth=4)
 
 
 def probe_images(count: int, size: int = 32) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The diagnostics callback in real training runs: records, TensorBoard, unchanged training, resume, 2 processes."""
+"""The diagnostics during real training runs: records, TensorBoard, unchanged training, resume, 2 processes."""
 
 import json
 import os
@@ -16,13 +16,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
 
-from diagnostics.callback import DiagnosticsCallback, check_distributed_support
 from diagnostics.records import PER_STAGE_KEYS, read_diagnostics
 from diagnostics.suite import DiagnosticsSetupError
 from models import load_model_file
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 from trainer.loop import train
 from trainer.recipe import load_recipe
+from trainer.training_diagnostics import check_distributed_support, measures_checkpoint
 
 # Drop-path (torch RNG) and mixup (numpy RNG) make the loss depend on every RNG stream.
 STOCHASTIC = ["model.drop_path_rate=0.2", "augment.mixup=0.8", "augment.cutmix=1.0", "train.ema_decay=0.9"]
@@ -157,11 +157,10 @@ def test_unsupported_backends_are_refused_at_start():
 
 
 def test_preemption_and_best_only_saves_are_not_measured(tiny_recipe):
-    callback = DiagnosticsCallback(tiny_recipe("diagnostics.enabled=true"))
-    callback.probe = object()  # a measurement would fail on this: none must start
+    cfg = tiny_recipe("diagnostics.enabled=true").diagnostics
     for tags in (["preempt"], ["best"], ["periodic", "preempt"]):
-        callback.on_checkpoint(None, Path("unused"), tags)
-    assert callback.last_step is None
+        assert not measures_checkpoint(cfg, tags), tags
+    assert measures_checkpoint(cfg, ["periodic"]) and measures_checkpoint(cfg, ["stopped", "best"])
 
 
 def test_images_final_renders_once_at_the_end_with_every_evaluation(tmp_path, tiny_recipe):

@@ -4,9 +4,9 @@ import json
 import math
 import re
 from dataclasses import replace
+from functools import partial
 
 import pytest
-import timm
 import torch
 
 from diagnostics.capture import Stage
@@ -31,6 +31,7 @@ from diagnostics.tensorboard_logging import (
     summary_scalars,
 )
 from diagnostics.token_similarity import TokenSimilarity
+from tests import conftest
 from trainer.recipe_schema import DiagnosticsConfig
 
 STAGES = ["embed", "pe", "block_1", "block_2", "norm"]
@@ -132,10 +133,7 @@ def test_figures_overlay_models_of_different_depth():
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
 
 
-def tiny_vit(depth=2):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=depth,
-                             num_heads=2, num_classes=4).eval()
+tiny_vit = partial(conftest.tiny_vit, num_classes=4)
 
 
 def test_check_config_names_the_key():

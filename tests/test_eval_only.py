@@ -1,16 +1,19 @@
 """--eval-only (PE-scale evaluation of a trained checkpoint) and model.checkpoint initialisation."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from models import create_vit, save_model_file
-from trainer.init_weights import WeightInitError, load_initial_weights, resolve_weights_file
+from models import save_model_file
+from models.weights import WeightInitError, load_initial_weights
+from tests import conftest
 from trainer.loop import train
 from trainer.recipe import load_recipe
-from trainer.setup import build_model
+from trainer.run import build_model
+from trainer.run_dir import resolve_weights_file
 from trainer.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,18 +25,10 @@ SMALL = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "schedule.e
          "diagnostics.probe_size=64", "diagnostics.probe_batch_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on shared CPU cores: one intra-op thread avoids OpenMP spinning (5x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_vit(variant=None, **kwargs):
-    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
-    return create_vit("vit_tiny_patch16_224", variant, **{**args, **kwargs})
+tiny_vit = partial(conftest.tiny_vit, seed=None, eval=False, embed_dim=32)
 
 
 def eval_only(tmp_path, name, *overrides):

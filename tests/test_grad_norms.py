@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from diagnostics.grad_norms import GRAD_COMPONENTS, component_grad_norms
-from models import create_vit
+from tests import conftest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The test machine's 2 cores are shared: intra-op threads on tiny matrices only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PREFIXES = {"LN1": "norm1.", "MHA": "attn.", "LN2": "norm2.", "FC1": "mlp.fc1.", "FC2": "mlp.fc2."}
 
 
-def tiny_vit(variant=None) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return create_vit("vit_tiny_patch16_224", variant, img_size=16, patch_size=4, embed_dim=16, depth=4,
-                      num_heads=2, num_classes=3)
+tiny_vit = partial(conftest.tiny_vit, eval=False, depth=4, num_classes=3)
 
 
 def backward(model: torch.nn.Module) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -39,23 +39,15 @@ from diagnostics.streaming_pca import (
     orthonormal_basis,
     rayleigh_ritz,
 )
+from tests import conftest
 
 GRID = (1e-3, 1e-1, 10.0)  # well separated, so the chosen multiplier is not decided by rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The test machine's 2 cores are shared: intra-op threads on tiny matrices only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_vit(img_size=16, embed_dim=8, depth=2, num_heads=2) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=img_size, patch_size=4, embed_dim=embed_dim,
-                             depth=depth, num_heads=num_heads, num_classes=5).eval()
+tiny_vit = partial(conftest.tiny_vit, embed_dim=8, num_classes=5)
 
 
 def smooth_images(count: int, size: int = 16, seed: int = 1) -> torch.Tensor:

@@ -6,10 +6,10 @@ The 2-process all-reduce check of this metric runs in tests/test_isi.py (one spa
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
-import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,21 +17,12 @@ from hypothesis import strategies as st
 from diagnostics.capture import NORM, capture
 from diagnostics.neural_collapse import NeuralCollapse, collapse_geometry, nearest_mean_mismatch
 from diagnostics.streaming import run_probe
+from tests import conftest
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The test machine's 2 cores are shared: intra-op threads on tiny matrices only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_vit(num_classes: int = 6, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    options = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=num_classes)
-    return timm.create_model("vit_tiny_patch16_224", **{**options, **kwargs}).eval()
+tiny_vit = partial(conftest.tiny_vit, num_classes=6)
 
 
 # ---- textbook formulas on the full matrix ------------------------------------------------------------

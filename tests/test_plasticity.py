@@ -5,6 +5,8 @@ The 2-process all-reduce check of this metric runs in tests/test_isi.py (one spa
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -15,22 +17,12 @@ from hypothesis import strategies as st
 from diagnostics.capture import capture
 from diagnostics.plasticity import COMPONENTS, Plasticity, draw_pairs, plasticity
 from diagnostics.streaming import run_probe
-from models import create_vit
+from tests import conftest
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The test machine's 2 cores are shared: intra-op threads on tiny matrices only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_vit(variant=None, seed=0, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    options = dict(img_size=16, patch_size=4, embed_dim=16, depth=4, num_heads=2, num_classes=3)
-    return create_vit("vit_tiny_patch16_224", variant, **{**options, **kwargs}).eval()
+tiny_vit = partial(conftest.tiny_vit, depth=4, num_classes=3)
 
 
 def images(count: int, seed: int = 1) -> torch.Tensor:

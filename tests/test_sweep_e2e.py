@@ -22,7 +22,7 @@ from tools import report
 from trainer.loop import train
 from trainer.optim import apply_trainable_patterns, build_optimizer
 from trainer.recipe import flatten_recipe, load_recipe
-from trainer.run_state import read_summary
+from trainer.run_dir import read_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_digits.yaml"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,12 +26,9 @@ from diagnostics.token_similarity import (
     token_similarity_centered,
     token_similarity_raw,
 )
+from tests import conftest
 
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    options = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=10)
-    return timm.create_model("vit_tiny_patch16_224", **{**options, **kwargs}).eval()
+tiny_vit = partial(conftest.tiny_vit, embed_dim=32, depth=3)
 
 
 def probe_images(count: int, size: int = 16) -> torch.Tensor:

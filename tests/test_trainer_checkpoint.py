@@ -12,7 +12,6 @@ import torch
 from trainer.checkpoint import (
     MANIFEST,
     CheckpointError,
-    capture_rng_state,
     commit,
     complete_checkpoints,
     is_complete,
@@ -20,9 +19,9 @@ from trainer.checkpoint import (
     load_tensor_file,
     prune,
     remove_incomplete,
-    restore_rng_state,
     weights_only_torch_loads,
 )
+from trainer.rng import capture_rng_state, restore_rng_state
 from trainer.run_dir import RunDir, RunDirError, prepare_run_dir, recipe_differences
 
 

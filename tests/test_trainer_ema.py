@@ -6,7 +6,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from models import create_vit, load_model_file
-from trainer.ema import ParameterEma
+from trainer.optim import ParameterEma
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 

@@ -9,10 +9,10 @@ from accelerate.utils import DistributedType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer import distributed
-from trainer.distributed import DistributedSetupError, check_backend
+from trainer import accelerator as distributed
+from trainer.accelerator import DistributedSetupError, check_backend
 from trainer.evaluate import evaluate
-from trainer.summary import accuracy_summary
+from trainer.run_dir import accuracy_summary
 
 
 class FixedLogits(torch.nn.Module):

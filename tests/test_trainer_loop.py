@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.setup
+import trainer.loop
 from models import load_model_file
 from trainer.callbacks import Callback
 from trainer.checkpoint import complete_checkpoints, read_manifest
@@ -63,8 +63,8 @@ class NaNAfter:
 
 
 def nan_criterion(monkeypatch, bad_calls):
-    build = trainer.setup.build_criterion
-    monkeypatch.setattr(trainer.setup, "build_criterion", lambda *a: NaNAfter(build(*a), bad_calls))
+    build = trainer.loop.build_criterion
+    monkeypatch.setattr(trainer.loop, "build_criterion", lambda *a: NaNAfter(build(*a), bad_calls))
 
 
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, tiny_recipe, monkeypatch,
@@ -95,12 +95,6 @@ def test_missing_data_path_exits_2_naming_it(tmp_path, capsys, fresh_accelerate)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
-
-
-class RecordTie(Callback):
-    def on_train_end(self, ctx):
-        ctx.extras["tied"] = all(ctx.unwrapped_model.blocks[i + 1].mlp is ctx.unwrapped_model.blocks[i].mlp
-                                 for i in range(0, len(ctx.unwrapped_model.blocks), 2))
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))

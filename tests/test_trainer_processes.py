@@ -98,16 +98,16 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, fresh_accelerate)
 
 KILL_SCRIPT = """
 import os, signal, sys
-import trainer.state
+import trainer.checkpoint
 from trainer.train import main
 
-real_commit, calls = trainer.state.commit, []
+real_commit, calls = trainer.checkpoint.commit, []
 def commit_then_die(tmp, final, manifest):
     calls.append(tmp)
     if len(calls) == 2:  # the second save: all files written, not yet sealed or renamed
         os.kill(os.getpid(), signal.SIGKILL)
     return real_commit(tmp, final, manifest)
-trainer.state.commit = commit_then_die
+trainer.checkpoint.commit = commit_then_die
 main(sys.argv[1:])
 """
 

@@ -41,12 +41,12 @@ from diagnostics.capture import scaled_position_embedding, stage_names
 from diagnostics.records import build_record, json_value
 from diagnostics.suite import DiagnosticsSetupError, check_config, load_probe, run_diagnostics
 from models import load_model_file
-from trainer.checkpoint import CheckpointError, is_complete, latest_checkpoint, read_manifest
-from trainer.cli import exit_on_user_error, register_user_error
-from trainer.data import DataError, build_probe_dataset
+from trainer.checkpoint import EMA_FILE, MODEL_FILE, is_complete, latest_checkpoint, read_manifest
+from trainer.cli import exit_on_user_error
+from trainer.data import build_probe_dataset
 from trainer.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+from trainer.run_dir import RunDir
 
-register_user_error(CheckpointError, DataError)
 DEFAULT_TIMM_DATA = ["data.source=digits", "data.num_workers=0"]
 
 
@@ -110,13 +110,14 @@ def checkpoint_weights(run: Path, checkpoint: str | None, which: str) -> tuple[P
         if path.is_file():
             return path, {}
     else:
-        path = (run / "checkpoints" / "last").resolve()
+        paths = RunDir(run)
+        path = paths.last_checkpoint.resolve()
         if not is_complete(path):
-            path = latest_checkpoint(run / "checkpoints")
+            path = latest_checkpoint(paths.checkpoints)
         if path is None:
-            raise FileNotFoundError(2, "no complete checkpoint in the run", str(run / "checkpoints"))
+            raise FileNotFoundError(2, "no complete checkpoint in the run", str(paths.checkpoints))
     manifest = read_manifest(path.resolve())
-    weights = path / ("model.safetensors" if which == "raw" else "ema.safetensors")
+    weights = path / (MODEL_FILE if which == "raw" else EMA_FILE)
     if not weights.is_file():
         raise AnalyzeError(f"{path} has no {weights.name} (the run had no EMA); use --model raw")
     return weights, manifest
@@ -126,9 +127,10 @@ def run_source(run: str, args: argparse.Namespace, overrides: list[str]) -> Sour
     root = Path(run)
     if not root.is_dir():
         raise FileNotFoundError(2, "run directory not found", str(root))
-    if args.recipe is None and not (root / "recipe.yaml").is_file():
-        raise FileNotFoundError(2, "not a depthlab run directory (no recipe.yaml)", str(root / "recipe.yaml"))
-    recipe = probe_recipe(Path(args.recipe) if args.recipe else root / "recipe.yaml", overrides)
+    saved_recipe = RunDir(root).recipe
+    if args.recipe is None and not saved_recipe.is_file():
+        raise FileNotFoundError(2, f"not a depthlab run directory (no {saved_recipe.name})", str(saved_recipe))
+    recipe = probe_recipe(Path(args.recipe) if args.recipe else saved_recipe, overrides)
     weights, manifest = checkpoint_weights(root, args.checkpoint, args.model)
     model = load_model_file(weights, device=args.device)
     step = manifest.get("step")

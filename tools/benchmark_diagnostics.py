@@ -19,7 +19,6 @@ shared machine); the callback's own time is not, so it is the number to quote.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -33,8 +32,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diagnostics.records import read_diagnostics
 from trainer.cli import exit_on_user_error
 from trainer.recipe import RecipeError, load_recipe
+from trainer.run_dir import read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,9 +62,8 @@ def timed_run(recipe: str, overrides: list[str], output: Path) -> dict:
     cpu_s = (cpu_end.ru_utime + cpu_end.ru_stime) - (cpu_start.ru_utime + cpu_start.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({' '.join(command)}):\n{proc.stderr[-2000:]}")
-    summary = json.loads((output / "summary.json").read_text())
-    diagnostics = output / "diagnostics.jsonl"
-    records = [json.loads(line) for line in diagnostics.read_text().splitlines()] if diagnostics.is_file() else []
+    summary = read_summary(output)
+    records = read_diagnostics(output)
     cost = re.search(r"diagnostics cost: ([0-9.]+) s", proc.stdout + proc.stderr)
     return {"wall_s": summary["wall_time_s"], "process_s": process_s, "cpu_s": cpu_s,
             "top1": summary["raw"]["top1_final"], "evaluations": len(records),

@@ -2,7 +2,7 @@
 
 Both train the same model (same init), on the same synthetic batches, at the same precision,
 with the same optimizer settings, EMA and schedule, in alternating timed windows of one run
-(so machine noise hits both alike). The trainer side is `trainer.step.UpdateStep` behind
+(so machine noise hits both alike). The trainer side is `trainer.loop.UpdateStep` behind
 `accelerator.prepare` - exactly what `trainer/train.py` runs per update; the plain side is the
 loop a timm user writes: autocast, backward, `optimizer.step()`, `zero_grad`, scheduler, ModelEmaV3.
 
@@ -31,14 +31,13 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from trainer.accelerator import build_accelerator
 from trainer.cli import exit_on_user_error
-from trainer.distributed import build_accelerator
-from trainer.ema import ParameterEma
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.loop import UpdateStep, build_criterion
+from trainer.optim import ParameterEma, build_optimizer, build_scheduler
 from trainer.recipe import load_recipe
-from trainer.setup import build_criterion, build_model
-from trainer.step import UpdateStep
-from trainer.summary import model_cost
+from trainer.run import build_model
+from trainer.run_dir import model_cost
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_OVERRIDES = ["data.source=synthetic", "augment.mixup=0", "augment.cutmix=0", "logging.tensorboard=false",

@@ -46,12 +46,10 @@ from ablations.aggregate import (
     select_best,
 )
 from diagnostics.plots import isi_figure, phase_curve_figure, save_figure
-from diagnostics.records import DiagnosticsRecordError, final_record, read_diagnostics
+from diagnostics.records import final_record, read_diagnostics
 from tools.report_plots import AccuracyCurve, accuracy_figure, pe_scale_figure, phase_emergence_figure
 from tools.report_table import build_table, write_group_csv, write_run_csv
-from trainer.cli import exit_on_user_error, register_user_error
-
-register_user_error(ReportError, DiagnosticsRecordError)
+from trainer.cli import exit_on_user_error
 
 EVAL_NOTES = ("top-1 on the eval split with patch embedding + α · position embedding; Cliff size = "
               "S_c(embed) − S_c(cliff_end) on the diagnostics probe set at that α; PE-Dom = mean ‖α p_i‖ / "

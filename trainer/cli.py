@@ -1,4 +1,5 @@
-"""What every depthlab entry point shares: user errors become one line on stderr and exit code 2."""
+"""What every depthlab entry point shares: user errors become one line on stderr and exit code 2,
+and the --recipe / --set arguments."""
 
 from __future__ import annotations
 
@@ -7,29 +8,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from models.variants import VariantError
-from trainer.recipe import RecipeError
+from models.errors import UserError
+from trainer.recipe import load_recipe
 
 USAGE_ERROR_EXIT_CODE = 2
 
-# Library code raises these for bad input (a recipe, path, file or value the user gave).
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, VariantError, FileNotFoundError, NotADirectoryError)
-
-
-def register_user_error(*error_types: type[BaseException]) -> None:
-    """Let a library module declare its own user-facing error type."""
-    global USER_ERRORS
-    USER_ERRORS = tuple(dict.fromkeys((*USER_ERRORS, *error_types)))
-
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for `main()`: a user error prints `error: ...` and exits 2, without a traceback."""
+    """Decorator for `main()`: a `UserError` (or a missing file or folder) prints `error: ...` and exits 2,
+    without a traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
-        except USER_ERRORS as e:
+        except (UserError, FileNotFoundError, NotADirectoryError) as e:
             message = str(e)
             if isinstance(e, (FileNotFoundError, NotADirectoryError)) and e.filename:
                 message = f"{e.strerror or 'not found'}: {e.filename}"
@@ -46,6 +39,4 @@ def add_recipe_arguments(parser: Any, required: bool = True) -> None:
 
 
 def load_recipe_from_args(args: Any) -> Any:
-    from trainer.recipe import load_recipe
-
     return load_recipe(args.recipe, args.overrides)

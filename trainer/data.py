@@ -44,6 +44,7 @@ from timm.data import auto_augment as timm_auto_augment
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from trainer.data_sources import CorruptImageError, DataError, RawSplit, load_split
+from trainer.rng import preserved_rng_state
 from trainer.samplers import EvalKey, RepeatedAugSampler, ShardedEvalSampler, TrainKey
 
 __all__ = ["DataBundle", "DataError", "build_data", "build_eval_loader", "build_eval_transform", "build_mixup",
@@ -167,13 +168,8 @@ def preserved_rngs() -> Iterator[None]:
     if get_worker_info() is not None:
         yield
         return
-    saved = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
+    with preserved_rng_state(cuda=False):  # the per-sample seeding below touches CPU streams only
         yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.random.set_rng_state(saved[2])
 
 
 class LeaveStopSignalsToMainProcess:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
-from trainer.cli import register_user_error
+from models.errors import UserError
 
 Role = Literal["train", "eval"]
 
@@ -28,7 +28,7 @@ Role = Literal["train", "eval"]
 IMAGE_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable data: a missing root/folder/split/column, a corrupt image, too few classes."""
 
     def __init__(self, message: str):
@@ -38,8 +38,6 @@ class DataError(ValueError):
             message = message.rstrip().rsplit("DataError: ", 1)[-1]
         super().__init__(message)
 
-
-register_user_error(DataError)
 
 
 class CorruptImageError(Exception):

@@ -1,32 +1,46 @@
-"""The training loop: epochs of optimizer updates, evaluation, callbacks, stopping.
+"""The training loop, top to bottom: one file holds the order of a run.
 
-Per update (grad_accum_steps micro-batches, see trainer/step.py): forward/backward -> one
-all-reduce of [loss, stop flag] -> skip the update if the loss is not finite -> clip ->
-callbacks' on_before_optimizer_step -> step -> schedule -> EMA. Then: evaluate if due ->
-callbacks (logging, checkpointing, yours) -> stop on preemption or max_steps. Evaluation runs
-before the step's callbacks, so a checkpoint written at that step already holds its result.
+    build the run (trainer/run.py) -> for every optimizer update:
+        micro-batches: forward, backward (grad_accum_steps of them, `UpdateStep.micro_batch`)
+        one all-reduce of [loss, stop flag]; a non-finite loss skips the update on every process
+        clip -> plug-ins' on_before_optimizer_step -> optimizer step -> schedule -> EMA
+        evaluate if due
+        diagnostics if due (before the save: a kill in between redoes both from the previous checkpoint)
+        log (before the save, so a checkpoint's step is already in metrics.jsonl)
+        save a checkpoint if due (periodic, or a new best top-1)
+        plug-ins' on_step_end
+        stop on preemption (save first) or at max_steps / the last epoch
+    final save -> summary.json -> plug-ins' on_train_end
+
+Exact resume: the data position (epoch, batch in epoch), every RNG stream, optimizer, schedule
+and EMA are in each checkpoint, so a resumed run continues the interrupted one bit for bit.
 """
 
 from __future__ import annotations
 
 import gc
+import math
+import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import FrameType
 
+import torch
+from accelerate import Accelerator
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+from models import parameter_dtype
 from trainer.callbacks import Callback, StepRecord
-from trainer.checkpoint import latest_checkpoint
-from trainer.checkpointing import CheckpointCallback
+from trainer.checkpoint import TrainState, checkpoint_name, latest_checkpoint, point, prune, save_checkpoint
 from trainer.evaluate import evaluate
-from trainer.optim import current_lr
+from trainer.optim import ParameterEma, current_lr
 from trainer.recipe_schema import Recipe
-from trainer.setup import Training, build_criterion, build_model, build_training
-from trainer.signals import StopRequest
-from trainer.state import TrainState
-
-__all__ = ["NonFiniteLossError", "TrainResult", "build_criterion", "build_model", "train"]
+from trainer.run import Run, build_run
+from trainer.training_diagnostics import TrainingDiagnostics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,41 +56,199 @@ class TrainResult:
     stop_signal: str | None = None
 
 
+def build_criterion(recipe: Recipe, mixup: bool) -> nn.Module:
+    if mixup:  # timm's Mixup already folds label smoothing into the soft targets
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=recipe.augment.label_smoothing)
+
+
+@dataclass
+class UpdateOutcome:
+    loss: float  # mean over micro-batches and processes
+    stop_requested: bool  # some process received SIGTERM/SIGINT
+    grad_norm: float | None  # when clipping or asked for
+    skipped: bool  # non-finite loss: gradients dropped, no optimizer step
+
+
+class UpdateStep:
+    """One optimizer update: micro-batches through `accelerator.accumulate`, then clip, step, schedule, EMA.
+
+    tools/benchmark_train.py times this same object, so the benchmark measures exactly what trains.
+    Per update there is one host sync: the all-reduced [loss, stop flag] pair, which decides whether
+    the update is applied and whether any process was asked to stop.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, ema: ParameterEma | None, criterion: nn.Module, mixup_fn=None,
+                 clip_grad_norm: float | None = None):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.scheduler, self.ema, self.criterion, self.mixup_fn = scheduler, ema, criterion, mixup_fn
+        self.clip_grad_norm = clip_grad_norm
+        self.unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        self.device = accelerator.device
+        self.input_dtype = parameter_dtype(self.unwrapped)
+        self.window_loss = torch.zeros((), device=self.device)
+        self.micro_batches = 0
+
+    def micro_batch(self, images: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Forward and backward of one micro-batch; True when it completes an update (then call `finish`)."""
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        with self.accelerator.accumulate(self.model):
+            with self.accelerator.autocast():
+                # float32 loss also where the weights themselves are half precision (DeepSpeed bf16/fp16,
+                # which takes inputs in the weights' dtype and does not autocast)
+                loss = self.criterion(self.model(images.to(self.input_dtype)).float(), targets)
+            self.accelerator.backward(loss)
+        self.window_loss += loss.detach().float()
+        self.micro_batches += 1
+        return self.accelerator.sync_gradients
+
+    def finish(self, updates_done: int, stop_requested: bool = False, want_grad_norm: bool = False,
+               before_optimizer_step: Callable[[], None] | None = None) -> UpdateOutcome:
+        """Apply the update; `before_optimizer_step` runs on the complete, unscaled gradients."""
+        flags = torch.stack([self.window_loss / self.micro_batches,
+                             torch.tensor(float(stop_requested), device=self.device)])
+        loss, stop_flag = self.accelerator.reduce(flags, reduction="mean").tolist()
+        self.window_loss.zero_()
+        self.micro_batches = 0
+        grad_norm, skipped = None, not math.isfinite(loss)
+        if not skipped:
+            if self.clip_grad_norm or want_grad_norm:
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm or math.inf)
+                grad_norm = float(norm) if norm is not None else None
+            elif before_optimizer_step is not None:
+                self.accelerator.unscale_gradients()  # fp16: what optimizer.step() would do first; else a no-op
+            if before_optimizer_step is not None:
+                before_optimizer_step()
+            self.optimizer.step()
+            self.scheduler.step_update(updates_done + 1)
+            if self.ema is not None:
+                self.ema.update(self.unwrapped)
+        self.optimizer.zero_grad(set_to_none=True)
+        return UpdateOutcome(loss, stop_flag > 0, grad_norm, skipped)
+
+
+class StopRequest:
+    """Preemption: SIGTERM/SIGINT ask the loop to stop after the current update and save.
+
+    The handler only sets a flag; the loop reads it once per update and agrees on it across
+    processes (one rank may receive the signal a moment before the others), so every rank stops at
+    the same step and the checkpoint is written collectively. A second SIGINT (Ctrl-C twice) raises
+    KeyboardInterrupt at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _due(step: int, end_of_epoch: bool, completed_epochs: int, every_steps: int | None,
-         every_epochs: int | None, last: bool) -> bool:
+         every_epochs: int | None, last_epoch: bool) -> bool:
+    """Every N steps, every N epochs at an epoch end, and at the end of the last epoch."""
     if every_steps and step % every_steps == 0:
         return True
-    return bool(end_of_epoch and every_epochs and completed_epochs % every_epochs == 0) or last
+    return bool(end_of_epoch and every_epochs and completed_epochs % every_epochs == 0) or last_epoch
 
 
-def _skip_or_stop(t: Training, loss: float, where: str) -> None:
+def save(run: Run, tags: list[str], best: bool = False) -> Path:
+    """Save this step's checkpoint (collective), point `best` at it if it is the new best, prune old ones."""
+    state, root = run.state, run.run_dir.checkpoints
+    if best:
+        tags = [*tags, "best"]
+        state.best_checkpoint = checkpoint_name(state.step)
+    path = save_checkpoint(root, run.accelerator, state, run.recipe, tags, model=run.model, optimizer=run.optimizer,
+                           scheduler=run.scheduler, ema=run.ema)
+    if run.is_main_process:
+        if best:
+            point(root, "best", path)
+        prune(root, run.recipe.checkpoint.keep_last, {state.best_checkpoint} if state.best_checkpoint else set())
+    run.accelerator.wait_for_everyone()
+    run.saved_step, run.last_checkpoint = state.step, path
+    run.callbacks.on_checkpoint(run, path, tags)
+    return path
+
+
+def _improves_best(run: Run, metrics: dict[str, float]) -> bool:
+    """Whether this evaluation is the best so far (by `checkpoint.best_on`); records it in the state."""
+    cfg = run.recipe.checkpoint
+    if not cfg.save_best:
+        return False
+    value = metrics["top1_ema" if cfg.best_on == "ema" and "top1_ema" in metrics else "top1"]
+    if run.state.best_top1 is not None and value <= run.state.best_top1:
+        return False
+    run.state.best_top1 = value
+    return True
+
+
+def _stop_on_nonfinite(run: Run, loss: float, where: str, diagnostics: TrainingDiagnostics | None) -> None:
     """Count a non-finite loss; past train.nonfinite_max_skips, end the run with a NonFiniteLossError."""
-    state, limit = t.state, t.ctx.recipe.train.nonfinite_max_skips
+    state, limit = run.state, run.recipe.train.nonfinite_max_skips
     state.nonfinite_skips += 1
-    if state.nonfinite_skips > limit:
-        t.ctx.extras["status"] = "failed"
-        t.callbacks.on_train_end(t.ctx)
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss}) at {where}; {state.nonfinite_skips} bad batches (train.nonfinite_max_skips "
-            f"= {limit}). Last good checkpoint: {latest_checkpoint(t.run.checkpoints) or 'none'}")
-    t.accelerator.print(f"warning: non-finite loss ({loss}) at {where}: update skipped ({state.nonfinite_skips}/{limit})")
+    if state.nonfinite_skips <= limit:
+        run.accelerator.print(f"warning: non-finite loss ({loss}) at {where}: update skipped "
+                              f"({state.nonfinite_skips}/{limit})")
+        return
+    run.status = "failed"  # a diverged state is not worth a checkpoint
+    run.log.close()
+    run.log.summary(state, run.status)
+    if diagnostics is not None:
+        diagnostics.finish(run)
+    run.callbacks.on_train_end(run)
+    raise NonFiniteLossError(
+        f"non-finite loss ({loss}) at {where}; {state.nonfinite_skips} bad batches (train.nonfinite_max_skips "
+        f"= {limit}). Last good checkpoint: {latest_checkpoint(run.run_dir.checkpoints) or 'none'}")
 
 
-def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: Iterable[Callback] = ()) -> TrainResult:
-    """Train `recipe` into `run_dir`; `resume` = "auto" or a checkpoint path; `callbacks` add to the built-ins."""
-    t = build_training(recipe, run_dir, resume, callbacks)
-    state, data, ctx = t.state, t.data, t.ctx
-    epochs, accum = recipe.schedule.epochs, recipe.train.grad_accum_steps
-    checkpointer = t.callbacks.find(CheckpointCallback)
+def _before_optimizer_step(run: Run, diagnostics: TrainingDiagnostics | None) -> None:
+    """On the complete, unscaled gradients: the diagnostics' gradient norms, then the plug-ins."""
+    if diagnostics is not None:
+        diagnostics.before_optimizer_step(run)
+    run.callbacks.on_before_optimizer_step(run)
+
+
+def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
+          callbacks: Iterable[Callback] = ()) -> TrainResult:
+    """Train `recipe` into `run_dir`; `resume` = "auto" or a checkpoint path; `callbacks` are your plug-ins."""
+    run = build_run(recipe, run_dir, resume, callbacks)
+    state, data, accelerator = run.state, run.data, run.accelerator
+    epochs, accum, every = recipe.schedule.epochs, recipe.train.grad_accum_steps, recipe.checkpoint
+    diagnostics = TrainingDiagnostics(run) if recipe.diagnostics.enabled else None
+    updater = UpdateStep(accelerator, run.model, run.optimizer, run.scheduler, run.ema,
+                         build_criterion(recipe, data.mixup_fn is not None), data.mixup_fn,
+                         recipe.optim.clip_grad_norm)
+    before_optimizer_step = partial(_before_optimizer_step, run, diagnostics)
+
     wall_base, session_start = state.wall_time_s, time.perf_counter()
     status, stop_signal = "max_steps", None
-    t.callbacks.on_train_start(ctx)
-
-    before_optimizer_step = partial(t.callbacks.on_before_optimizer_step, ctx)
+    run.log.start(state)
+    run.callbacks.on_train_start(run)
     with StopRequest() as stop:
-        t.parts.model.train()
-        while state.epoch < epochs and state.step < t.stop_at and stop_signal is None:
-            epoch, batches_used = state.epoch, t.updates_per_epoch * accum  # a partial last update is dropped
+        run.model.train()
+        while state.epoch < epochs and state.step < run.stop_at and stop_signal is None:
+            epoch, batches_used = state.epoch, run.updates_per_epoch * accum  # a partial last update is dropped
             data.train_sampler.set_epoch(epoch, skip_batches=state.batch_in_epoch)
             batches = iter(data.train_loader)
             step_start, data_wait = time.perf_counter(), 0.0
@@ -84,22 +256,24 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: I
                 wait_start = time.perf_counter()
                 images, targets = next(batches)
                 data_wait += time.perf_counter() - wait_start
-                if not t.updater.micro_batch(images, targets):
+                if not updater.micro_batch(images, targets):
                     continue
+
+                # --- the update: clip, step, schedule, EMA ---
                 log_step = (state.step + 1) % recipe.logging.every_steps == 0
-                out = t.updater.finish(state.step, stop.requested, want_grad_norm=log_step,
-                                       before_optimizer_step=before_optimizer_step)
+                out = updater.finish(state.step, stop.requested, want_grad_norm=log_step,
+                                     before_optimizer_step=before_optimizer_step)
                 if out.skipped:
-                    _skip_or_stop(t, out.loss, f"step {state.step + 1} (epoch {epoch + 1}, batch {micro + 1})")
+                    _stop_on_nonfinite(run, out.loss, f"step {state.step + 1} (epoch {epoch + 1}, batch {micro + 1})",
+                                       diagnostics)
                 else:
                     state.step += 1
-
                 state.batch_in_epoch = micro + 1
                 end_of_epoch = state.batch_in_epoch == batches_used
                 if end_of_epoch:
                     state.epoch, state.batch_in_epoch = epoch + 1, 0
                 step_time = time.perf_counter() - step_start
-                state.images_seen += t.geometry.global_batch
+                state.images_seen += run.geometry.global_batch
                 state.train_time_s += step_time
                 state.wall_time_s = wall_base + time.perf_counter() - session_start
                 if out.stop_requested:
@@ -107,36 +281,61 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None = None, callbacks: I
                 if out.skipped and not end_of_epoch and stop_signal is None:
                     step_start, data_wait = time.perf_counter(), 0.0
                     continue
+                last_epoch = end_of_epoch and state.epoch == epochs
 
+                # --- evaluate if due ---
+                improved = False
                 if _due(state.step, end_of_epoch, state.epoch, recipe.eval.every_steps, recipe.eval.every_epochs,
-                        last=end_of_epoch and state.epoch == epochs):
-                    metrics = evaluate(t.eval_models, data.eval_loader, t.accelerator, data.num_classes)
-                    state.evals.append({"step": state.step, "epoch": round(state.step / t.updates_per_epoch, 4),
+                        last_epoch):
+                    metrics = evaluate(run.eval_models(), data.eval_loader, accelerator, data.num_classes)
+                    state.evals.append({"step": state.step, "epoch": round(state.step / run.updates_per_epoch, 4),
                                         **metrics})
-                    t.callbacks.on_evaluate(ctx, metrics)
-                t.callbacks.on_step_end(ctx, StepRecord(
-                    step=state.step, epoch=epoch, loss=out.loss, lr=current_lr(t.parts.optimizer),
-                    grad_norm=out.grad_norm, images=t.geometry.global_batch, step_time_s=step_time,
-                    data_wait_s=data_wait, end_of_epoch=end_of_epoch))
+                    improved = _improves_best(run, metrics)
+                    run.log.evaluation(metrics, state)
+                    run.callbacks.on_evaluate(run, metrics)
+
+                # --- diagnostics if due, log, save if due ---
+                periodic = _due(state.step, end_of_epoch, state.epoch, every.every_steps, every.every_epochs,
+                                last_epoch and bool(every.every_epochs))
+                tags = ["periodic"] if periodic else []
+                if diagnostics is not None:
+                    diagnostics.measure_if_due(run, tags)
+                record = StepRecord(step=state.step, epoch=epoch, loss=out.loss, lr=current_lr(run.optimizer),
+                                    grad_norm=out.grad_norm, images=run.geometry.global_batch, step_time_s=step_time,
+                                    data_wait_s=data_wait, end_of_epoch=end_of_epoch)
+                run.log.step(record, state)
+                if periodic or improved:
+                    save(run, tags, best=improved)
+                run.callbacks.on_step_end(run, record)
+
+                # --- stop ---
                 if stop_signal is not None:
                     status = "preempted"
-                    if checkpointer is not None and checkpointer.saved_step != state.step:
-                        checkpointer.save_now(ctx, ["preempt"])
+                    if run.saved_step != state.step:
+                        save(run, ["preempt"])
                     break
-                if state.step >= t.stop_at:
+                if state.step >= run.stop_at:
                     break
                 step_start, data_wait = time.perf_counter(), 0.0
 
     state.finished = state.epoch >= epochs
-    status = "finished" if state.finished else status
+    run.status = "finished" if state.finished else status
     state.wall_time_s = wall_base + time.perf_counter() - session_start
-    ctx.extras["status"] = status
-    t.callbacks.on_train_end(ctx)
-    t.accelerator.end_training()
-    result = TrainResult(status, state, t.run.root, checkpointer.last_path if checkpointer else None, stop_signal)
+    if run.saved_step != state.step and state.step > 0:  # the final (or max_steps) save
+        tags = ["final"] if state.finished else ["stopped"]
+        if diagnostics is not None:
+            diagnostics.measure_if_due(run, tags)
+        save(run, tags)
+    run.log.close()
+    run.log.summary(state, run.status)
+    if diagnostics is not None:
+        diagnostics.finish(run)
+    run.callbacks.on_train_end(run)
+    accelerator.end_training()
+    result = TrainResult(run.status, state, run.run_dir.root, run.last_checkpoint, stop_signal)
     # Free the run's objects (the prepared model's gloo work included) while the interpreter is fully
-    # alive: callbacks and context form reference cycles, and gloo work released during interpreter
+    # alive: the run and its plug-ins form reference cycles, and gloo work released during interpreter
     # finalisation can abort a process at exit (pytorch/pytorch#179291).
-    del t, ctx, checkpointer
+    del run, updater, diagnostics, before_optimizer_step
     gc.collect()
     return result

@@ -1,4 +1,5 @@
-"""Parameter groups, the optimizer and the per-update learning-rate schedule.
+"""What changes the weights each update: parameter groups, the optimizer, the learning-rate
+schedule and the EMA of the weights.
 
 - Groups come from `named_parameters()`, which yields a shared tensor (a GroupedMLP's MLP) once,
   via timm's `param_groups_weight_decay`: no weight decay on biases, 1-d parameters (norms) and
@@ -7,20 +8,29 @@
   optimizer only ever sees trainable parameters.
 - `lr` is the value at `optim.lr_reference_batch`; it is scaled linearly with the global batch.
 - The schedule is timm's, stepped once per optimizer update (`t_in_epochs=False`).
+- The EMA averages de-duplicated parameters. timm's ModelEmaV2/V3 walk `state_dict()`, where a
+  tensor shared by two modules (a GroupedMLP's MLP) appears under both names, so it is averaged
+  twice per step and its effective decay becomes decay**2. Here the pairs come from
+  `named_parameters()` / `named_buffers()`, which yield a shared tensor once, and the copy is a
+  `deepcopy`, which keeps the tie: one update per tensor per step.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_model
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
+from models import save_model_file
 from trainer.recipe import RecipeError
 
 
@@ -119,3 +129,50 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg, updates_per_
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
+
+
+class ParameterEma:
+    """`ema = decay * ema + (1 - decay) * weights`, once per optimizer update.
+
+    The averaged copy lives on the model's device in float32 (the master weights' dtype), in eval
+    mode and without gradients; evaluate it with `ema.module`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        # float32 whatever the model holds: a bf16 average would round away every update smaller
+        # than 2^-8 of a weight, i.e. all of them at decay 0.9998 (DeepSpeed keeps bf16 module weights)
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.num_updates = 0
+
+    @staticmethod
+    def _pairs(ema: nn.Module, model: nn.Module, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ema_named = dict(getattr(ema, kind)())
+        model_named = dict(getattr(model, kind)())
+        if ema_named.keys() != model_named.keys():
+            missing = sorted(ema_named.keys() ^ model_named.keys())[:3]
+            raise ValueError(f"EMA and model {kind} differ (e.g. {missing}); build the EMA after the variant")
+        return [ema_named[n] for n in ema_named], [model_named[n] for n in ema_named]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Average `model`'s current weights in (pass the unwrapped model, not DDP)."""
+        ema_params, params = self._pairs(self.module, model, "named_parameters")
+        weight = 1.0 - self.decay
+        same = [(e, p) for e, p in zip(ema_params, params) if e.dtype == p.dtype and e.device == p.device]
+        if same:
+            torch._foreach_lerp_([e for e, _ in same], [p for _, p in same], weight)
+        for e, p in zip(ema_params, params):
+            if e.dtype != p.dtype or e.device != p.device:  # e.g. DeepSpeed keeps bf16 module weights
+                e.lerp_(p.to(device=e.device, dtype=e.dtype), weight)
+        for e, b in zip(*self._pairs(self.module, model, "named_buffers")):
+            e.copy_(b)
+        self.num_updates += 1
+
+    def save(self, path: str | Path) -> None:
+        save_model_file(self.module, path)
+
+    def load(self, path: str | Path) -> None:
+        load_model(self.module, str(path), strict=True, device=str(next(self.module.parameters()).device))

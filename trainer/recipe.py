@@ -21,12 +21,13 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from models.errors import UserError
 from trainer.recipe_schema import Recipe
 
 BASE_KEY = "base"
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be used: unknown key, wrong type, out of range, missing file."""
 
 
@@ -349,7 +350,3 @@ def flatten_recipe(recipe: Recipe) -> dict[str, Any]:
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat
-
-
-def recipe_name(path: str | Path) -> str:
-    return Path(path).stem

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-DIAGNOSTIC_METRICS = ("token_similarity", "isi", "attention", "neural_collapse", "plasticity", "grad_norms")
+from diagnostics.registry import METRIC_NAMES as DIAGNOSTIC_METRICS
 
 
 def knob(default: Any = None, *, help: str = "", min: float | None = None, max: float | None = None,
@@ -176,9 +176,10 @@ class LoggingConfig:
 
 @dataclass
 class DiagnosticsConfig:
-    """Depth-dynamics diagnostics (diagnostics/callback.py); every OPEN choice of science.md is a knob."""
+    """Depth-dynamics diagnostics during training (trainer/training_diagnostics.py); every OPEN choice of
+    science.md is a knob."""
 
-    enabled: bool = knob(False, help="run the depth-dynamics metrics callback")
+    enabled: bool = knob(False, help="measure the depth-dynamics metrics during training")
     at_checkpoints: bool = knob(True, help="run at every periodic, final and stopped checkpoint (not at best-only "
                                            "or preemption saves)")
     every_steps: int | None = knob(None, min=1, help="also run every N optimizer steps")

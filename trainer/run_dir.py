@@ -1,23 +1,41 @@
-"""The run directory: where it is, what it holds, and never mixing two recipes in one.
+"""The run directory: the unit everything agrees on, and the only place its file names are spelled.
 
     <run>/recipe.yaml        resolved recipe (trainer.recipe.save_recipe)
-    <run>/summary.json       final / best accuracies, params, MACs, throughput, wall time
+    <run>/summary.json       final / best accuracies, params, MACs, throughput, wall time (`build_summary`)
     <run>/metrics.jsonl      one JSON object per logged step and per evaluation
     <run>/diagnostics.jsonl  one JSON object per diagnostics evaluation (diagnostics/records.py)
-    <run>/checkpoints/       step_XXXXXXXX/ (see trainer/checkpoint.py), `last` and `best` links
+    <run>/checkpoints/       step_XXXXXXXX/ (trainer/checkpoint.py), `last` and `best` links
     <run>/tb/                TensorBoard events
+    <run>/plots/             figures written by tools/report.py
+
+Also here: refusing to mix two recipes in one run dir, choosing the checkpoint to resume from, the
+one atomic file write, and the JSON-lines helpers the loggers share.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from trainer.checkpoint import CheckpointError, is_complete, latest_checkpoint
+from diagnostics.records import DIAGNOSTICS_FILE
+from models import create_vit_from_recipe, profile_model
+from models.weights import WeightInitError
+from trainer.checkpoint import (
+    MANIFEST,
+    MODEL_FILE,
+    TMP_PREFIX,
+    CheckpointError,
+    TrainState,
+    fsync_file,
+    is_complete,
+    latest_checkpoint,
+)
 from trainer.recipe import RecipeError, flatten_recipe, recipe_from_dict, save_recipe
 from trainer.recipe_schema import Recipe
 
@@ -35,6 +53,18 @@ class RunDirError(RecipeError):
 class RunDir:
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def __fspath__(self) -> str:  # a RunDir is also the path of its root: Path(run_dir, "x"), open(...)
+        return str(self.root)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    def __str__(self) -> str:
+        return str(self.root)
+
     @property
     def recipe(self) -> Path:
         return self.root / "recipe.yaml"
@@ -49,7 +79,7 @@ class RunDir:
 
     @property
     def diagnostics(self) -> Path:
-        return self.root / "diagnostics.jsonl"
+        return self.root / DIAGNOSTICS_FILE  # its format belongs to diagnostics/records.py
 
     @property
     def checkpoints(self) -> Path:
@@ -59,6 +89,58 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.root / "tb"
 
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """The `last` link: the newest complete checkpoint."""
+        return self.checkpoints / "last"
+
+    def is_run(self) -> bool:
+        return self.recipe.is_file()
+
+
+# ---- files: one atomic write, JSON lines ----------------------------------------------------
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename (fsync'd first), so a reader or a kill never leaves a half-written file."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop records logged after `after_step` (they belong to the part of the run being redone).
+
+    Used for metrics.jsonl and diagnostics.jsonl at resume. A last line cut off by a kill
+    mid-append is dropped too.
+    """
+    if not path.is_file():
+        return
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# ---- recipes in run dirs ----------------------------------------------------------------------
 
 def default_run_dir(recipe: Recipe, recipe_path: str | Path, output: str | None) -> Path:
     if output:
@@ -98,7 +180,7 @@ def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
     if not path.exists():
         raise FileNotFoundError(2, "checkpoint not found", str(path))
     if not is_complete(path):
-        raise CheckpointError(f"--resume {path}: not a complete checkpoint (no valid MANIFEST.json); "
+        raise CheckpointError(f"--resume {path}: not a complete checkpoint (no valid {MANIFEST}); "
                               f"complete ones: {latest_checkpoint(path.parent) or 'none'}")
     return path
 
@@ -111,7 +193,7 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, resume_from: Path | None, is_ma
     only the main process writes, so no process reads a half-written recipe.yaml.
     """
     if resume_from is not None:
-        check_same_recipe(resume_from / "recipe.yaml", recipe, f"checkpoint {resume_from}")
+        check_same_recipe(resume_from / run.recipe.name, recipe, f"checkpoint {resume_from}")
     if run.recipe.is_file():
         check_same_recipe(run.recipe, recipe, f"run dir {run.root}")
     if resume_from is None and latest_checkpoint(run.checkpoints) is not None:
@@ -124,22 +206,86 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, resume_from: Path | None, is_ma
         save_recipe(recipe, run.recipe, header="resolved recipe of this run (depthlab)")
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop records logged after `after_step` (they belong to the part of the run being redone).
-
-    Used for metrics.jsonl at resume, and by the diagnostics callback for diagnostics.jsonl. A last
-    line cut off by a kill mid-append is dropped too.
-    """
+def resolve_weights_file(checkpoint: str | Path) -> Path:
+    """The safetensors file `model.checkpoint` names: the file itself, a checkpoint directory's
+    model.safetensors, or a run directory's newest checkpoint (checkpoints/last/model.safetensors)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        for candidate in (path / MODEL_FILE, RunDir(path).last_checkpoint / MODEL_FILE):
+            if candidate.is_file():
+                return candidate
+        raise WeightInitError(f"model.checkpoint = {checkpoint}: a directory without {MODEL_FILE} "
+                               f"(nor checkpoints/last/{MODEL_FILE}); name a .safetensors file")
     if not path.is_file():
-        return
-    text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip()]
-    if lines and not text.endswith("\n"):
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            lines.pop()
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+        raise WeightInitError(f"model.checkpoint = {checkpoint}: file not found")
+    if path.suffix != ".safetensors":
+        raise WeightInitError(f"model.checkpoint = {checkpoint}: expected a .safetensors file "
+                               "(convert a torch checkpoint with safetensors.torch.save_file)")
+    return path
+
+
+# ---- summary.json -----------------------------------------------------------------------------
+
+def accuracy_summary(evals: list[dict], suffix: str = "") -> dict[str, Any] | None:
+    """Final/best/peak_to_final of top1 and top5 over the evaluations (keys `top1{suffix}`, `top5{suffix}`).
+
+    peak_to_final = best - final is P2's stability measure (P2 quotes the EMA model's).
+    """
+    out: dict[str, Any] = {}
+    for metric in ("top1", "top5"):
+        key = f"{metric}{suffix}"
+        history = [e for e in evals if e.get(key) is not None]
+        if not history:
+            continue
+        final = history[-1][key]
+        best = max(history, key=lambda e: e[key])  # earliest of equal bests
+        prefix = "" if metric == "top1" else "top5_"
+        out[f"{metric}_final"] = final
+        out[f"{metric}_best"] = best[key]
+        out[f"{prefix}best_epoch"] = best["epoch"]
+        out[f"{prefix}best_step"] = best["step"]
+        out[f"{prefix}peak_to_final"] = round(best[key] - final, 6)
+    return out or None
+
+
+def model_cost(recipe: Recipe) -> dict[str, int]:
+    """Unique parameters and MACs per image, counted on a meta-device copy (no weights allocated)."""
+    profile = profile_model(create_vit_from_recipe(recipe, device="meta", pretrained=False))
+    return {"params": profile.params, "macs_linear": profile.macs_linear, "macs_total": profile.macs_total}
+
+
+def build_summary(recipe: Recipe, cost: dict[str, int], *, status: str, evals: list[dict], num_processes: int,
+                  wall_time_s: float, **fields: Any) -> dict[str, Any]:
+    """summary.json: what a run reached, in the numbers papers quote (training and --eval-only alike).
+
+    Raw and EMA: final and best top-1/top-5, the epoch of the best and peak_to_final; the model's
+    cost; `fields` add what the kind of run knows (training: step, throughput, ...; evaluation:
+    the checkpoint, pe_scale, the cliff).
+    """
+    return {"status": status, "model": recipe.model.name, "variant": recipe.variant.kind, **fields,
+            "raw": accuracy_summary(evals), "ema": accuracy_summary(evals, "_ema"), **cost,
+            "num_processes": num_processes, "wall_time_s": round(wall_time_s, 2)}
+
+
+def training_summary(state: TrainState, recipe: Recipe, cost: dict[str, int], *, status: str,
+                     global_batch: int) -> dict[str, Any]:
+    throughput = state.images_seen / state.train_time_s if state.train_time_s > 0 else None
+    return build_summary(
+        recipe, cost, status=status, evals=state.evals, num_processes=state.num_processes,
+        wall_time_s=state.wall_time_s, step=state.step, epoch=state.epoch, epochs=recipe.schedule.epochs,
+        train_throughput_img_s=round(throughput, 2) if throughput else None,
+        train_time_s=round(state.train_time_s, 2), images_seen=state.images_seen, global_batch=global_batch,
+        nonfinite_skips=state.nonfinite_skips, best_checkpoint=state.best_checkpoint)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads(RunDir(Path(run_dir)).summary.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_is_finished(run_dir: str | Path) -> bool:
+    """True once the trainer has written a final summary (training ran to its last step)."""
+    summary = read_summary(run_dir)
+    return bool(summary) and summary.get("status") == "finished"

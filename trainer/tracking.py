@@ -1,4 +1,4 @@
-"""TensorBoard (through accelerate's tracker), metrics.jsonl, summary.json and the console.
+"""What a run reports: TensorBoard (through accelerate's tracker), metrics.jsonl, summary.json, the console.
 
 One writer: accelerate creates trackers on the main process only, and every file here is
 written by the main process only. Console: a tqdm bar with ETA (when stderr is a terminal) and
@@ -10,49 +10,19 @@ one DeiT-style line per epoch:
 from __future__ import annotations
 
 import datetime
-import json
 import resource
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from trainer.callbacks import Callback, StepRecord, TrainContext
-from trainer.checkpoint import write_json_atomic
+from trainer.callbacks import StepRecord
+from trainer.checkpoint import TrainState
 from trainer.recipe_schema import Recipe
-from trainer.summary import build_summary, model_cost
-
-
-class Tracker:
-    """Scalars/images/text to the accelerate trackers; JSON lines to files in the run dir."""
-
-    def __init__(self, accelerator: Any, run_dir: Path):
-        self.accelerator = accelerator
-        self.run_dir = run_dir
-
-    def _tensorboard(self) -> Any:
-        if not self.accelerator.is_main_process or not self.accelerator.trackers:
-            return None
-        return self.accelerator.get_tracker("tensorboard")
-
-    def log_scalars(self, values: dict[str, float], step: int) -> None:
-        self.accelerator.log({k: float(v) for k, v in values.items() if v is not None}, step=step)
-
-    def log_images(self, values: dict[str, Any], step: int, **kwargs: Any) -> None:
-        tracker = self._tensorboard()
-        if tracker is not None:
-            tracker.log_images(values, step=step, **kwargs)
-
-    def log_text(self, values: dict[str, str], step: int) -> None:
-        self.accelerator.log({k: str(v) for k, v in values.items()}, step=step)
-
-    def append_jsonl(self, filename: str, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / filename, "a") as f:
-                f.write(json.dumps(record) + "\n")
+from trainer.run_dir import RunDir, append_jsonl, model_cost, training_summary, write_json_atomic
 
 
 def peak_memory_gib() -> dict[str, float]:
@@ -90,33 +60,67 @@ class _Window:
         self.wait += r.data_wait_s
 
 
-class LoggingCallback(Callback):
-    def __init__(self, recipe: Recipe):
-        self.cfg = recipe.logging
-        self.epochs = recipe.schedule.epochs
-        self.window = _Window()
-        self.epoch_window = _Window()
+class RunLogger:
+    """The loop's reporting (`start`, `step`, `evaluation`, `summary`, `close`) and the channels plug-ins
+    and the diagnostics share (`log_scalars`, `log_images`, `log_text`, `append_jsonl`). Every method runs
+    on every process; only the main process writes."""
+
+    def __init__(self, recipe: Recipe, accelerator: Any, run_dir: RunDir, *, total_steps: int,
+                 updates_per_epoch: int, global_batch: int, corrupt_images: Callable[[], int] | None = None):
+        self.recipe, self.cfg, self.accelerator, self.run_dir = recipe, recipe.logging, accelerator, run_dir
+        self.total_steps, self.updates_per_epoch, self.global_batch = total_steps, updates_per_epoch, global_batch
+        self.corrupt_images = corrupt_images  # this process's count of replaced unreadable images
+        self.window, self.epoch_window = _Window(), _Window()
         self.last_eval: dict[str, float] | None = None
         self.bar: tqdm | None = None
         self.cost: dict[str, int] = {}
 
-    def on_train_start(self, ctx: TrainContext) -> None:
-        self.session_start, self.session_start_step = time.perf_counter(), ctx.step
-        if ctx.is_main_process:
-            self.cost = model_cost(ctx.recipe)
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ---- channels ------------------------------------------------------------------------------
+    def tensorboard(self) -> Any:
+        """The TensorBoard SummaryWriter (main process, when logging.tensorboard), else None."""
+        if not self.is_main_process or not self.accelerator.trackers:
+            return None
+        return self.accelerator.get_tracker("tensorboard", unwrap=True)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        self.accelerator.log({k: float(v) for k, v in values.items() if v is not None}, step=step)
+
+    def log_images(self, values: dict[str, Any], step: int, **kwargs: Any) -> None:
+        if self.is_main_process and self.accelerator.trackers:
+            self.accelerator.get_tracker("tensorboard").log_images(values, step=step, **kwargs)
+
+    def log_text(self, values: dict[str, str], step: int) -> None:
+        self.accelerator.log({k: str(v) for k, v in values.items()}, step=step)
+
+    def append_jsonl(self, filename: str, record: dict) -> None:
+        if self.is_main_process:
+            append_jsonl(self.run_dir.root / filename, record)
+
+    # ---- the loop's events ---------------------------------------------------------------------
+    def start(self, state: TrainState) -> None:
+        self.session_start, self.session_start_step = time.perf_counter(), state.step
+        if self.is_main_process:
+            self.cost = model_cost(self.recipe)
             if self.cfg.progress_bar and sys.stderr.isatty():
-                self.bar = tqdm(total=ctx.total_steps, initial=ctx.step, unit="step", dynamic_ncols=True)
+                self.bar = tqdm(total=self.total_steps, initial=state.step, unit="step", dynamic_ncols=True)
 
-    def _eta(self, ctx: TrainContext) -> float:
-        done = ctx.step - self.session_start_step
+    def _eta(self, step: int) -> float:
+        done = step - self.session_start_step
         elapsed = time.perf_counter() - self.session_start
-        return elapsed / done * (ctx.total_steps - ctx.step) if done else 0.0
+        return elapsed / done * (self.total_steps - step) if done else 0.0
 
-    def _print(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else print)(text)
-        sys.stdout.flush()
+    def print(self, text: str) -> None:
+        """A console line on the main process that does not break the progress bar."""
+        if self.is_main_process:
+            (self.bar.write if self.bar is not None else print)(text)
+            sys.stdout.flush()
 
-    def on_step_end(self, ctx: TrainContext, record: StepRecord) -> None:
+    def step(self, record: StepRecord, state: TrainState) -> None:
+        """Window scalars every logging.every_steps (and at epoch ends), the epoch's console line."""
         self.window.add(record)
         self.epoch_window.add(record)
         if self.bar is not None:
@@ -130,51 +134,48 @@ class LoggingCallback(Callback):
                 "train/grad_norm": record.grad_norm,
                 "train/throughput_img_s": w.images / w.time if w.time else None,
                 "train/data_wait_fraction": w.wait / w.time if w.time else None,
-                "train/epoch": ctx.state.step / max(ctx.extras.get("updates_per_epoch", 1), 1),
+                "train/epoch": state.step / max(self.updates_per_epoch, 1),
                 **peak_memory_gib(),
             }
-            if ctx.state.nonfinite_skips:
-                values["train/nonfinite_skips"] = ctx.state.nonfinite_skips
-            skipped = self._corrupt_images_skipped(ctx)  # collective: every process is here
+            if state.nonfinite_skips:
+                values["train/nonfinite_skips"] = state.nonfinite_skips
+            skipped = self._corrupt_images_skipped()  # collective: every process is here
             if skipped:
                 values["train/corrupt_images_skipped"] = skipped
-            ctx.log_scalars(values, step=record.step)
+            self.log_scalars(values, step=record.step)
             jsonl = {k.removeprefix("train/"): (round(v, 6) if isinstance(v, float) else v)
                      for k, v in values.items()}
-            ctx.append_jsonl("metrics.jsonl", {"kind": "train", **jsonl})
+            self.append_jsonl(self.run_dir.metrics.name, {"step": state.step, "epoch": state.epoch,
+                                                          "kind": "train", **jsonl})
             self.window = _Window()
         if record.end_of_epoch:
             w = self.epoch_window
             metrics = self.last_eval if self.last_eval and self.last_eval.get("step") == record.step else None
-            if ctx.is_main_process:
-                self._print(epoch_line(record.epoch + 1, self.epochs, w.loss / w.steps, record.lr,
-                                       w.images / w.time if w.time else 0.0, self._eta(ctx), metrics))
+            self.print(epoch_line(record.epoch + 1, self.recipe.schedule.epochs, w.loss / w.steps, record.lr,
+                                  w.images / w.time if w.time else 0.0, self._eta(record.step), metrics))
             self.epoch_window = _Window()
 
-    @staticmethod
-    def _corrupt_images_skipped(ctx: TrainContext) -> int:
-        counter = getattr(ctx.data, "skipped_corrupt", None)
-        if counter is None:
+    def _corrupt_images_skipped(self) -> int:
+        if self.corrupt_images is None:
             return 0
-        local = torch.tensor(float(counter()), device=ctx.accelerator.device)
-        return int(ctx.accelerator.reduce(local, reduction="sum").item())
+        local = torch.tensor(float(self.corrupt_images()), device=self.accelerator.device)
+        return int(self.accelerator.reduce(local, reduction="sum").item())
 
-    def on_evaluate(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
-        self.last_eval = {**metrics, "step": ctx.step}
-        ctx.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
-        epoch = ctx.state.evals[-1]["epoch"] if ctx.state.evals else ctx.epoch  # fractional: step / updates_per_epoch
-        ctx.append_jsonl("metrics.jsonl", {"kind": "eval", **metrics, "epoch": epoch})
-        self.write_summary(ctx, "running")
+    def evaluation(self, metrics: dict[str, float], state: TrainState) -> None:
+        """Eval scalars, a metrics.jsonl record (fractional epoch) and a `running` summary.json."""
+        self.last_eval = {**metrics, "step": state.step}
+        self.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+        epoch = state.evals[-1]["epoch"] if state.evals else state.epoch  # fractional: step / updates_per_epoch
+        self.append_jsonl(self.run_dir.metrics.name, {"step": state.step, "epoch": epoch, "kind": "eval",
+                                                      **metrics})
+        self.summary(state, "running")
 
-    def write_summary(self, ctx: TrainContext, status: str) -> None:
-        if ctx.is_main_process:
-            summary = build_summary(ctx.state, ctx.recipe, self.cost, status=status,
-                                    num_processes=ctx.accelerator.num_processes,
-                                    global_batch=ctx.extras.get("global_batch", 0))
-            write_json_atomic(ctx.run_dir / "summary.json", summary)
+    def summary(self, state: TrainState, status: str) -> None:
+        if self.is_main_process:
+            write_json_atomic(self.run_dir.summary, training_summary(state, self.recipe, self.cost, status=status,
+                                                                     global_batch=self.global_batch))
 
-    def on_train_end(self, ctx: TrainContext) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.write_summary(ctx, ctx.extras.get("status", "completed" if ctx.state.finished else "stopped"))

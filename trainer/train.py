@@ -22,12 +22,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python trainer/train.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.checkpoint import CheckpointError
-from trainer.cli import add_recipe_arguments, exit_on_user_error, load_recipe_from_args, register_user_error
-from trainer.data import DataError
+from trainer.cli import add_recipe_arguments, exit_on_user_error, load_recipe_from_args
 from trainer.recipe import RecipeError, dump_recipe
-
-register_user_error(DataError, CheckpointError)
+from trainer.run_dir import RunDir, default_run_dir
 
 NONFINITE_EXIT_CODE = 1
 
@@ -39,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="auto|PATH", help="resume from the newest checkpoint (auto) or PATH")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--eval-only", action="store_true",
-                   help="evaluate model.checkpoint (at eval.pe_scale) instead of training; see trainer/evaluate_only.py")
+                   help="evaluate model.checkpoint (at eval.pe_scale) instead of training; see trainer/evaluate.py")
     return p.parse_args(argv)
 
 
@@ -70,14 +67,14 @@ def report(result, args: argparse.Namespace, accelerator_state) -> None:
         if raw is not None:
             ema = f"  top1_ema {raw['top1_ema']:.2f}" if "top1_ema" in raw else ""
             print(f"{result.status} at step {result.state.step}: top1 {raw['top1']:.2f}{ema}")
-    tb = run_dir / "tb"
+    tb = RunDir(run_dir).tensorboard
     print(f"run dir: {run_dir}\nTensorBoard logs: {tb}\n  tensorboard --logdir {shlex.quote(str(tb))}")
 
 
 def evaluate_only(recipe, run_dir: Path) -> None:
     from accelerate import PartialState
 
-    from trainer.evaluate_only import evaluate_checkpoint
+    from trainer.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(recipe, run_dir)
     if PartialState().is_main_process:
@@ -99,8 +96,6 @@ def main(argv: list[str] | None = None) -> None:
         print(dump_recipe(recipe, header=f"resolved from {args.recipe}"), end="")
         return
     from accelerate import PartialState
-
-    from trainer.run_dir import default_run_dir
 
     run_dir = default_run_dir(recipe, args.recipe, args.output)
     if args.eval_only:

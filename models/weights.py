@@ -1,18 +1,13 @@
-"""Initialise a recipe's model from `model.checkpoint` (finetuning, evaluation of a trained model).
+"""Initialise a model from a weights file: finetuning, evaluating a trained model, analysis.
 
-`model.checkpoint` may name
-    - a `.safetensors` file: `models.save_model_file` output (raw `model.safetensors` or
-      `ema.safetensors` of a checkpoint) or any timm-format state dict saved as safetensors;
-    - a checkpoint directory holding `model.safetensors` (e.g. `runs/x/checkpoints/last`);
-    - a run directory (its `checkpoints/last/model.safetensors`).
-
-Keys are checked strictly: a key of the file the model does not have, or a model key the file
-does not cover, is an error naming the file and the keys. A GroupedMLP's shared MLP is stored
-once; its tied names count as covered. Two shape mismatches are adapted, as timm does when it
-loads pretrained weights: the classifier head when `model.num_classes` differs (it keeps its
-fresh initialisation: finetuning on a new label set) and `pos_embed` when the patch grid
-differs (resampled with `timm.layers.resample_abs_pos_embed`). Any other shape mismatch is an
-error.
+The file is a `.safetensors` state dict: `models.save_model_file` output (a run's `model.safetensors`
+or `ema.safetensors`) or any timm-format state dict saved as safetensors. Keys are checked
+strictly: a key of the file the model does not have, or a model key the file does not cover, is an
+error naming the file and the keys. A GroupedMLP's shared MLP is stored once; its tied names count
+as covered. Two shape mismatches are adapted, as timm does when it loads pretrained weights: the
+classifier head when `num_classes` differs (it keeps its fresh initialisation: finetuning on a new
+label set) and `pos_embed` when the patch grid differs (resampled with
+`timm.layers.resample_abs_pos_embed`). Any other shape mismatch is an error.
 """
 
 from __future__ import annotations
@@ -27,15 +22,13 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from trainer.recipe import RecipeError
+from models.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
 
-
-class WeightInitError(RecipeError):
-    """`model.checkpoint` that cannot initialise the recipe's model (missing, wrong format, other keys)."""
+class WeightInitError(UserError):
+    """A weights file that cannot initialise the model (unreadable, other keys, other shapes)."""
 
 
 @dataclass
@@ -45,23 +38,6 @@ class WeightInit:
     path: Path
     reinitialised: list[str] = field(default_factory=list)  # head keys left at their fresh init
     resampled: list[str] = field(default_factory=list)  # pos_embed resampled to the model's grid
-
-
-def resolve_weights_file(checkpoint: str | Path) -> Path:
-    """The safetensors file that `model.checkpoint` names (see the module docstring)."""
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        for candidate in (path / MODEL_FILE, path / "checkpoints" / "last" / MODEL_FILE):
-            if candidate.is_file():
-                return candidate
-        raise WeightInitError(f"model.checkpoint = {checkpoint}: a directory without {MODEL_FILE} "
-                              f"(nor checkpoints/last/{MODEL_FILE}); name a .safetensors file")
-    if not path.is_file():
-        raise WeightInitError(f"model.checkpoint = {checkpoint}: file not found")
-    if path.suffix != ".safetensors":
-        raise WeightInitError(f"model.checkpoint = {checkpoint}: expected a .safetensors file "
-                              "(convert a torch checkpoint with safetensors.torch.save_file)")
-    return path
 
 
 def _tied_names(model: nn.Module) -> dict[str, list[str]]:
@@ -105,9 +81,9 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: Path, in
                               f"{'; '.join(wrong[:6])}{' ...' if len(wrong) > 6 else ''}")
 
 
-def load_initial_weights(model: nn.Module, checkpoint: str | Path) -> WeightInit:
-    """Load `checkpoint` into `model` in place (strict keys, see module docstring); returns what was done."""
-    path = resolve_weights_file(checkpoint)
+def load_initial_weights(model: nn.Module, path: str | Path) -> WeightInit:
+    """Load the safetensors file `path` into `model` in place (see the module docstring)."""
+    path = Path(path)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -1,4 +1,4 @@
-"""The Accelerator a recipe asks for: DDP, FSDP or DeepSpeed ZeRO, mixed precision, trackers.
+"""The accelerator a recipe asks for: DDP, FSDP or DeepSpeed ZeRO, mixed precision, trackers.
 
 `distributed.strategy: auto` takes whatever `accelerate launch` and the user's accelerate config
 chose; `ddp`, `fsdp` and `deepspeed` build accelerate's plugins from the recipe. Either way the

@@ -1,0 +1,172 @@
+"""The run: everything built from a recipe before the first step, in one object the loop and plug-ins share.
+
+`build_run` spells out the order once:
+
+    accelerator -> run dir checked and recipe.yaml written -> data -> model (variant applied at
+    creation, trained weights loaded for finetuning) -> trainable mask -> optimizer over the
+    de-duplicated trainable parameters -> schedule -> accelerate.prepare -> EMA copy of the
+    prepared (rank-0-broadcast) weights -> checkpoint restore (RNG streams included) -> trackers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from models import create_vit_from_recipe
+from models.weights import load_initial_weights
+from trainer.accelerator import build_accelerator
+from trainer.callbacks import Callback, CallbackList
+from trainer.checkpoint import TrainState, load_checkpoint, remove_incomplete
+from trainer.data import DataBundle, build_data
+from trainer.optim import (
+    BatchGeometry,
+    ParameterEma,
+    apply_trainable_patterns,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+)
+from trainer.recipe import RecipeError, flatten_recipe
+from trainer.recipe_schema import Recipe
+from trainer.run_dir import RunDir, prepare_run_dir, resolve_resume, resolve_weights_file, truncate_jsonl
+from trainer.tracking import RunLogger
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    """The recipe's model: timm + variant, trained weights for finetuning, activation checkpointing."""
+    model = create_vit_from_recipe(recipe)
+    if recipe.model.checkpoint:  # finetuning: start from trained weights (a resume then overrides them)
+        load_initial_weights(model, resolve_weights_file(recipe.model.checkpoint))
+    if recipe.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+@dataclass
+class Run:
+    """One training run: what it trains, with what, where it writes, and how far it is."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    run_dir: RunDir  # also usable as a path: Path(run.run_dir, "x")
+    data: DataBundle
+    model: nn.Module  # as prepared by accelerate (DDP / FSDP / DeepSpeed wrapper)
+    unwrapped_model: nn.Module  # the timm model inside
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm Scheduler, stepped per update
+    ema: ParameterEma | None
+    state: TrainState  # step, epoch, data position, evaluations: what trainer_state.json holds
+    log: RunLogger
+    callbacks: CallbackList  # the user's plug-ins
+    geometry: BatchGeometry
+    updates_per_epoch: int
+    total_steps: int
+    stop_at: int  # min(total_steps, train.max_steps)
+    status: str = "running"  # then finished | max_steps | preempted | failed
+    last_checkpoint: Path | None = None
+    saved_step: int | None = None  # step of the newest checkpoint (at most one per step)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def ema_model(self) -> nn.Module | None:
+        return self.ema.module if self.ema is not None else None
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """{"": model} plus {"_ema": EMA} when eval.ema: the suffixes of the evaluation's metric keys."""
+        with_ema = self.ema is not None and self.recipe.eval.ema
+        return {"": self.model, **({"_ema": self.ema.module} if with_ema else {})}
+
+    # ---- logging channels for plug-ins (main process writes; `step` defaults to the current one) ----
+    def log_scalars(self, values: dict[str, float], step: int | None = None) -> None:
+        self.log.log_scalars(values, self.step if step is None else step)
+
+    def log_images(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        """Images to TensorBoard (`SummaryWriter.add_images`: NCHW tensors, or pass dataformats=...)."""
+        self.log.log_images(values, self.step if step is None else step, **kwargs)
+
+    def log_text(self, values: dict[str, str], step: int | None = None) -> None:
+        self.log.log_text(values, self.step if step is None else step)
+
+    def append_jsonl(self, filename: str, record: dict) -> None:
+        """Append `{"step", "epoch", **record}` to `<run>/<filename>` (main process only)."""
+        self.log.append_jsonl(filename, {"step": self.step, "epoch": self.epoch, **record})
+
+
+def _hparams(recipe: Recipe) -> dict:
+    return {k: ("null" if v is None else v) for k, v in flatten_recipe(recipe).items()}
+
+
+def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
+              callbacks: Iterable[Callback] = ()) -> Run:
+    """Build (or restore, with `resume` = "auto" or a checkpoint path) the run `recipe` describes."""
+    paths = RunDir(Path(run_dir))
+    accelerator = build_accelerator(recipe, paths.root)
+    resume_from = resolve_resume(paths, resume)
+    prepare_run_dir(paths, recipe, resume_from, accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+    accelerator.wait_for_everyone()
+    cfg = recipe.train
+
+    data = build_data(recipe, accelerator.num_processes, accelerator.process_index)
+    updates_per_epoch = data.steps_per_epoch // cfg.grad_accum_steps
+    if updates_per_epoch == 0:
+        raise RecipeError(f"train.grad_accum_steps = {cfg.grad_accum_steps} exceeds the "
+                          f"{data.steps_per_epoch} batches per epoch")
+    geometry = BatchGeometry(cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps)
+
+    set_seed(cfg.seed)  # identical initial weights on every process
+    model = build_model(recipe)
+    apply_trainable_patterns(model, recipe.optim.trainable)
+    model.to(accelerator.device)
+    lr = scaled_lr(recipe.optim.lr, geometry.global_batch, recipe.optim.lr_reference_batch)
+    optimizer = build_optimizer(model, recipe.optim, lr)
+    scheduler = build_scheduler(optimizer, recipe.schedule, updates_per_epoch)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    ema = ParameterEma(unwrapped, cfg.ema_decay) if cfg.ema_decay is not None else None
+
+    state = TrainState(num_processes=accelerator.num_processes)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                                ema=ema)
+        scheduler.step_update(state.step)
+        if accelerator.is_main_process:
+            truncate_jsonl(paths.metrics, state.step)  # records of the steps being redone
+    else:
+        set_seed(cfg.seed + accelerator.process_index)  # the loop's own streams differ per process
+    if accelerator.is_main_process:
+        remove_incomplete(paths.checkpoints)
+    if recipe.logging.tensorboard:
+        # purge_step: events of steps being redone after a resume are dropped from the old files
+        accelerator.init_trackers("", config=_hparams(recipe),
+                                  init_kwargs={"tensorboard": {"purge_step": state.step + 1} if state.step else {}})
+
+    total_steps = recipe.schedule.epochs * updates_per_epoch
+    log = RunLogger(recipe, accelerator, paths, total_steps=total_steps, updates_per_epoch=updates_per_epoch,
+                    global_batch=geometry.global_batch, corrupt_images=data.skipped_corrupt)
+    return Run(recipe=recipe, accelerator=accelerator, run_dir=paths, data=data, model=model, unwrapped_model=unwrapped,
+               optimizer=optimizer, scheduler=scheduler, ema=ema, state=state, log=log,
+               callbacks=CallbackList(callbacks), geometry=geometry, updates_per_epoch=updates_per_epoch,
+               total_steps=total_steps, stop_at=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
+               saved_step=state.step if resume_from is not None else None,
+               last_checkpoint=resume_from)
