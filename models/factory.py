@@ -21,6 +21,8 @@ from torch import nn
 from models.variants import VARIANT_KINDS, VariantError, apply_variant
 
 SPEC_METADATA_KEY = "depthlab_spec"
+# timm kwargs that say where weights come from, not what to build: the spec leaves them out.
+WEIGHT_SOURCE_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def create_vit(name: str, variant: dict[str, Any] | None = None, *, pretrained: bool = False,
@@ -51,7 +53,8 @@ def create_vit(name: str, variant: dict[str, Any] | None = None, *, pretrained: 
             "cannot be reached; download them once where there is network (timm.create_model(name, "
             "pretrained=True)), or pass a weights file as model.checkpoint") from None
     apply_variant(model, **variant, rescale=not pretrained)
-    model.depthlab_spec = {"name": name, "kwargs": dict(kwargs), "variant": variant}
+    spec_kwargs = {k: v for k, v in kwargs.items() if k not in WEIGHT_SOURCE_KWARGS}
+    model.depthlab_spec = {"name": name, "kwargs": spec_kwargs, "variant": variant}
     return model
 
 

@@ -6,20 +6,27 @@
 - Truncated: keep the first d blocks, with the final norm and head.
 
 Apply a variant before any optimizer, EMA or `accelerator.prepare` sees the model.
+
+A GroupedMLP model's `load_state_dict(sd, strict=True)` accepts state dicts that store each shared
+tensor once (`models.save_model_file`, safetensors' `save_model`), e.g. through
+`timm.create_model(name, checkpoint_path=...)`; see `load_tied_state_dict`.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from timm.layers import Mlp
 from torch import nn
 
+from models.errors import UserError
+
 VARIANT_KINDS = ("none", "grouped_mlp", "shallow_mlp", "thin_mlp", "truncated")
 
 
-class VariantError(ValueError):
+class VariantError(UserError):
     """A variant that cannot be applied to this model as asked."""
 
 
@@ -56,7 +63,30 @@ def apply_grouped_mlp(model: nn.Module, group_size: int = 2, init_scale: float |
                 if shared.fc1.bias is not None:
                     shared.fc1.bias.mul_(scale)
                 shared.fc2.weight.mul_(scale)
+    model.load_state_dict = partial(load_tied_state_dict, model)
     return model
+
+
+def load_tied_state_dict(model: nn.Module, state_dict, strict: bool = True, assign: bool = False):
+    """`model.load_state_dict` that, when strict, fills each name of a shared tensor the state dict
+    lacks from a name of the same tensor it has. A tensor none of whose names is stored, and a key the
+    model does not have, are still errors.
+
+    strict=False is torch's plain load: it reports the unstored tied names as missing, which is what
+    `safetensors.torch.load_model` (strict or not) relies on to recognise them as ties.
+    """
+    if strict:
+        by_tensor: dict[int, list[str]] = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            by_tensor.setdefault(id(tensor), []).append(name)
+        aliases = {}
+        for names in by_tensor.values():
+            stored = next((n for n in names if n in state_dict), None)
+            if stored is not None:
+                aliases.update({n: state_dict[stored] for n in names if n not in state_dict})
+        if aliases:
+            state_dict = {**state_dict, **aliases}
+    return nn.Module.load_state_dict(model, state_dict, strict=strict, assign=assign)
 
 
 def _check_sliceable(mlp: nn.Module, where: str) -> None:
