@@ -25,7 +25,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	@echo ">> training the embedded default ($(DEMO_RECIPE)) with accelerate"
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	$(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		trainer/train.py --recipe $(DEMO_RECIPE) --output $(DEMO_OUTPUT) --resume auto
 
 lint: $(STAMP)

@@ -36,7 +36,8 @@ from ablations.sweep_spec import SweepError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "trainer" / "train.py"
-DEFAULT_ACCELERATE_ARGS = ("--num_processes", "1")
+# --quiet: a failed run shows its own one-line error, not the launcher's CalledProcessError traceback
+DEFAULT_ACCELERATE_ARGS = ("--quiet", "--num_processes", "1")
 # Seconds a preempted Slurm job gives the trainer to finish its step and save before requeueing.
 PREEMPT_SAVE_TIMEOUT_S = 600
 

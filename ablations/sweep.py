@@ -7,6 +7,8 @@
 Idempotent: finished runs are skipped, interrupted ones resume from their newest checkpoint,
 and a run dir whose saved recipe differs from the sweep's point is never overwritten. Each
 launched point runs its resolved recipe, written to <output>/recipes/<point>.yaml first.
+The output must be a new or empty folder or a sweep's (it holds sweep.json, or only what a sweep
+writes: runs/, recipes/, logs/, slurm/), and no snapshot may replace the sweep file or the base recipe.
 Afterwards: `python tools/report.py <sweep output dir>`.
 """
 
@@ -33,6 +35,7 @@ from ablations.launch import (
     submit_slurm,
     train_command,
 )
+from ablations.outputs import OutputError, check_output, read_head, read_json
 from ablations.sweep_spec import SweepError, SweepPoint, SweepSpec, expand, load_sweep
 from trainer.cli import exit_on_user_error
 from trainer.recipe import RecipeError, save_recipe
@@ -47,6 +50,9 @@ from trainer.run_dir import (
 SWEEP_MANIFEST = "sweep.json"
 RUNS_SUBDIR = "runs"
 RECIPES_SUBDIR = "recipes"
+# Everything a sweep writes into its output folder (a folder holding only these is a sweep's).
+SWEEP_LAYOUT = {SWEEP_MANIFEST, f"{SWEEP_MANIFEST}.tmp", RUNS_SUBDIR, RECIPES_SUBDIR, "logs", "slurm"}
+SNAPSHOT_HEADER = "# sweep "
 
 
 @dataclass
@@ -186,6 +192,33 @@ def launch_jobs(spec: SweepSpec, states: list[PointState], max_parallel: int = 1
     return jobs
 
 
+def is_sweep_folder(folder: Path) -> bool:
+    """A sweep output folder: its sweep.json is a manifest (`write_manifest`), or, when it has none, it
+    holds nothing but what a sweep writes (a sweep interrupted before its manifest, run dirs put there)."""
+    manifest = folder / SWEEP_MANIFEST
+    if manifest.exists():
+        data = read_json(manifest)
+        return isinstance(data, dict) and "name" in data and isinstance(data.get("points"), list)
+    return all(entry.name in SWEEP_LAYOUT for entry in folder.iterdir())
+
+
+def is_snapshot(path: Path) -> bool:
+    """A point's recipe as `launch_jobs` writes it: its header names the sweep and the point."""
+    head = read_head(path, 4096)
+    return head.startswith(SNAPSHOT_HEADER) and ", point " in head.splitlines()[0]
+
+
+def check_sweep_output(spec: SweepSpec, points: list[SweepPoint], option: str) -> None:
+    """The sweep's output folder and the files a launch writes in it may be written (ablations/outputs.py)."""
+    inputs = [spec.path, spec.base]
+    check_output(spec.output, option, inputs=inputs, folder=True, own=is_sweep_folder,
+                 own_what="a sweep's output folder (with its sweep.json)")
+    check_output(spec.output / SWEEP_MANIFEST, option, inputs=inputs, own=lambda _: True)  # own folder, own file
+    for point in points:
+        check_output(snapshot_recipe(spec, point), option, inputs=inputs, own=is_snapshot,
+                     own_what=f"a recipe snapshot written by a sweep (a '{SNAPSHOT_HEADER}...' header)")
+
+
 def print_dry_run(spec: SweepSpec, states: list[PointState], common: list[str], jobs: list[LaunchJob]) -> None:
     print(f"sweep {spec.name} ({spec.mode}): {len(states)} points from {spec.base} -> {spec.output}")
     for s in states:
@@ -222,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     problems = missing_weights(spec, points)
     if problems and not args.dry_run:
         raise SweepError(f"{spec.path}: {'; '.join(problems)}")
+    try:
+        check_sweep_output(spec, points, "--output" if args.output else "output")
+    except OutputError as e:
+        if not args.dry_run:
+            raise
+        problems.append(str(e))  # a dry run writes nothing: it says what the real run would refuse
     states = [point_state(p, spec.output / RUNS_SUBDIR / p.name) for p in points]
     if args.launcher == "slurm" and args.submitit_cluster in (None, "slurm"):
         queued = still_queued(spec.output / "slurm")

@@ -169,8 +169,10 @@ def test_cli_prints_the_resolved_recipe_with_overrides():
 
 
 def test_an_unquoted_yaml_boolean_for_a_word_choice_says_to_quote_it():
-    with pytest.raises(RecipeError, match=r"train.precision = False is not a valid choice: expected one of "
-                                          r".*\(YAML reads on/off/yes/no as booleans: quote the word\)"):
-        load_recipe(DEMO_RECIPE, ["train.precision=no"])
+    with pytest.raises(RecipeError, match=r"diagnostics.tensorboard_images = False is not a valid choice: expected "
+                                          r"one of .*\(YAML reads on/off/yes/no as booleans: quote the word\)"):
+        load_recipe(DEMO_RECIPE, ["diagnostics.tensorboard_images=off"])
+    # `precision: no` is how accelerate users write it: YAML's false means the choice "no"
+    assert load_recipe(DEMO_RECIPE, ["train.precision=bf16", "train.precision=no"]).train.precision == "no"
     with pytest.raises(RecipeError, match=r"train.batch_size = True has the wrong type: expected an integer$"):
         load_recipe(DEMO_RECIPE, ["train.batch_size=yes"])

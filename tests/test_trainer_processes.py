@@ -91,9 +91,40 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path, fresh_accelerate)
     last = complete_checkpoints(run / "checkpoints")[-1]
     manifest = read_manifest(last)
     assert "preempt" in manifest["tags"] and manifest["step"] >= 8
+    step = manifest["step"]  # 8 updates per epoch; epochs are 1-based, as on the console
+    where = f"end of epoch {step // 8}" if step % 8 == 0 else f"in epoch {step // 8 + 1}"
+    assert f"stopped by SIGTERM at step {step} ({where}); checkpoint saved: " in out
     assert json.loads((run / "summary.json").read_text())["status"] == "preempted"
     main(cli_args(run, f"train.max_steps={manifest['step'] + 2}") + ["--resume", "auto"])
     assert json.loads((run / "summary.json").read_text())["step"] == manifest["step"] + 2
+
+
+CTRL_C_TWICE_SCRIPT = """
+import os, signal, sys
+import trainer.tracking
+from trainer.train import main
+
+real_step = trainer.tracking.RunLogger.step
+def step(self, record, state):
+    real_step(self, record, state)
+    if record.step == 9:  # two Ctrl-C in a row (signals sent together may arrive as one)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+trainer.tracking.RunLogger.step = step
+main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_twice_stops_at_once_with_one_line_and_exit_130(tmp_path):
+    script = tmp_path / "ctrl_c_twice.py"
+    script.write_text(CTRL_C_TWICE_SCRIPT)
+    run = tmp_path / "run"
+    proc = subprocess.run([PYTHON, str(script), *cli_args(run)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    err = proc.stderr
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [f"error: interrupted (Ctrl-C twice): the step in progress was not saved; "
+                                        f"continue from the last checkpoint with --resume auto (run dir {run})"]
 
 
 KILL_SCRIPT = """

@@ -17,6 +17,8 @@ Several --run / --timm-model sources are overlaid in one figure per metric.
 
 Writes <output>/analysis.json ({"records": [one diagnostics record per source, with "label",
 "source" and "pe_scale"]}) and <output>/{phase_curves,isi,attention,neural_collapse,plasticity}.png.
+--output must be a new or empty folder, or one this tool wrote before (it holds such an analysis.json),
+and none of the runs, checkpoint, recipe or data given.
 Exit codes: 0 done, 2 bad input (missing run dir or checkpoint, unknown model, bad recipe key).
 """
 
@@ -37,6 +39,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from ablations.outputs import check_output, read_json
 from diagnostics.capture import scaled_position_embedding, stage_names
 from diagnostics.records import build_record, json_value
 from diagnostics.suite import DiagnosticsSetupError, check_config, load_probe, run_diagnostics
@@ -244,6 +247,24 @@ def format_record(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def is_analysis_folder(folder: Path) -> bool:
+    """An --output folder this tool wrote: its analysis.json is {"records": [{"label": ..., "source": ...}, ...]}."""
+    data = read_json(folder / "analysis.json")
+    return isinstance(data, dict) and isinstance(data.get("records"), list) and \
+        all(isinstance(r, dict) and "label" in r and "source" in r for r in data["records"])
+
+
+def check_output_folder(args: argparse.Namespace) -> Path:
+    """--output, unless it is an input, or exists and is not an analysis folder (ablations/outputs.py)."""
+    data = args.data if args.data not in (None, "digits", "synthetic") else None
+    inputs = [*args.run, *(p for p in (args.checkpoint, args.recipe, data) if p)]
+    output = check_output(args.output, "--output", inputs=inputs, folder=True, own=is_analysis_folder,
+                          own_what="a folder tools/analyze.py wrote (with its analysis.json)")
+    # Inside its own folder only an input (or a folder in the way) stops the tool from writing.
+    check_output(output / "analysis.json", "--output", inputs=inputs, own=lambda _: True)
+    return output
+
+
 def unique_labels(sources: list[Source], pe_scale: float | None) -> None:
     seen: dict[str, int] = {}
     for source in sources:
@@ -264,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         raise AnalyzeError(f"--checkpoint needs exactly one --run (got {len(args.run)})")
     if args.pretrained and not args.timm_model:
         raise AnalyzeError("--pretrained applies to --timm-model sources")
+    output = check_output_folder(args)
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     overrides = [*data_overrides(args.data), *args.overrides]
     sources = ([run_source(run, args, overrides) for run in args.run]
@@ -273,7 +295,6 @@ def main(argv: list[str] | None = None) -> None:
     for source in sources:
         records.append(analyse(source, args.pe_scale))
         print(format_record(records[-1]), flush=True)
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     written = [output / "analysis.json"]
     written[0].write_text(json.dumps({"records": records}, indent=1) + "\n")

@@ -14,6 +14,9 @@ process wall and CPU times, and the callback's own time as the run measures it (
 `diagnostics cost:` line: every hook of the callback — probe loading, evaluations, gradient
 norms, images). The difference of two runs is at the mercy of machine noise (a few percent on a
 shared machine); the callback's own time is not, so it is the number to quote.
+
+--keep DIR trains into DIR/without_<i> and DIR/with_<i>: each must be new (or empty), since the
+benchmark times fresh runs; anything else in DIR is left alone.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ablations.outputs import check_output
 from diagnostics.records import read_diagnostics
 from trainer.cli import exit_on_user_error
 from trainer.recipe import RecipeError, load_recipe
@@ -48,6 +52,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="pairs of runs (without, with), interleaved")
     p.add_argument("--keep", metavar="DIR", help="keep the run dirs here (default: a temporary dir)")
     return p.parse_args(argv)
+
+
+RUN_NAMES = ("without", "with")
+
+
+def check_keep(keep: str, recipe: str, repeats: int) -> None:
+    """--keep may hold anything but the run dirs this benchmark trains, which must be new (ablations/outputs.py)."""
+    root = check_output(keep, "--keep", inputs=[recipe], folder=True, own=Path.is_dir)  # only adds run dirs
+    for repeat in range(repeats):
+        for name in RUN_NAMES:
+            check_output(root / f"{name}_{repeat}", "--keep", inputs=[recipe], folder=True)
 
 
 def timed_run(recipe: str, overrides: list[str], output: Path) -> dict:
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     with_diagnostics = load_recipe(args.recipe, [*args.overrides, "diagnostics.enabled=true"]).diagnostics
     if args.repeats < 1:
         raise RecipeError(f"--repeats = {args.repeats} must be >= 1")
+    if args.keep:
+        check_keep(args.keep, args.recipe, args.repeats)
     print(f"recipe {args.recipe}; diagnostics: metrics {with_diagnostics.metrics}, probe_size "
           f"{with_diagnostics.probe_size}, at_checkpoints {with_diagnostics.at_checkpoints}, every_steps "
           f"{with_diagnostics.every_steps}; {os.cpu_count()} CPUs", flush=True)
@@ -83,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.keep or scratch)
         for repeat in range(args.repeats):
-            for name, switch in (("without", "false"), ("with", "true")):
+            for name, switch in zip(RUN_NAMES, ("false", "true")):
                 result = timed_run(args.recipe, [*args.overrides, f"diagnostics.enabled={switch}"],
                                    root / f"{name}_{repeat}")
                 results[name].append(result)

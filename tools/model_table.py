@@ -4,6 +4,8 @@
     python tools/model_table.py recipes/vit_b_grouped_mlp.yaml vit_large_patch16_224_thin_mlp
     python tools/model_table.py --json table.json --no-throughput
 
+--json refuses (exit 2) to overwrite a file that is not a table it wrote, or one of the recipes given.
+
 Counts come from a meta-device model (no weights allocated); throughput is measured on the
 current device with real weights.
 """
@@ -23,6 +25,7 @@ import timm
 import torch
 
 import models  # noqa: F401  (registers the variants with timm)
+from ablations.outputs import check_output, read_json
 from models import create_vit, create_vit_from_recipe, profile_model
 from trainer.cli import exit_on_user_error
 from trainer.recipe import load_recipe
@@ -32,9 +35,20 @@ DEFAULT_MODELS = [f"vit_{size}_patch16_224{suffix}" for size in ("small", "base"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _is_recipe(entry: str) -> bool:
+    return entry.endswith((".yaml", ".yml")) or Path(entry).is_file()
+
+
+def is_table_json(path: Path) -> bool:
+    """A JSON table this tool wrote: {"setting": {...}, "models": [...]}."""
+    data = read_json(path)
+    return isinstance(data, dict) and set(data) == {"setting", "models"} and \
+        isinstance(data["setting"], dict) and isinstance(data["models"], list)
+
+
 def _build(entry: str, device: str | torch.device) -> tuple[str, torch.nn.Module, int]:
     """(display name, model, image size) for a recipe path or a timm model name."""
-    if entry.endswith((".yaml", ".yml")) or Path(entry).is_file():
+    if _is_recipe(entry):
         recipe = load_recipe(entry)
         return Path(entry).stem, create_vit_from_recipe(recipe, device=device, pretrained=False), recipe.model.img_size
     with torch.device(device):
@@ -99,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.json:
+        check_output(args.json, "--json", inputs=[e for e in args.models if _is_recipe(e)], own=is_table_json,
+                     own_what="a JSON table written by tools/model_table.py")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = args.batch_size or (256 if device.type == "cuda" else 8)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")

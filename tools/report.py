@@ -19,6 +19,8 @@ Writes into --out (default: <the one path given>/report):
                    (stage x step heatmap of S_c with the phases marked), pe_scale.png and
                    pe_scale_phase_curves.png (evaluate sweeps)
     tb_hparams/    TensorBoard HPARAMS view: tensorboard --logdir <out>/tb_hparams
+--out must be a new or empty folder, or a report folder written before (its report.md says so),
+and not one of the paths given (nor hold one in plots/ or tb_hparams/, which are rewritten).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ablations.aggregate import (
     run_values,
     select_best,
 )
+from ablations.outputs import check_output, read_head
 from diagnostics.plots import isi_figure, phase_curve_figure, save_figure
 from diagnostics.records import final_record, read_diagnostics
 from tools.report_plots import AccuracyCurve, accuracy_figure, pe_scale_figure, phase_emergence_figure
@@ -228,12 +231,31 @@ def build_report(args: argparse.Namespace, runs: list[Run], command: str
     return "\n".join(parts) + "\n", train, evaluate, train_values, eval_values
 
 
+def is_report_folder(folder: Path) -> bool:
+    """A folder this tool wrote: its report.md starts with the title and the command that regenerates it."""
+    head = read_head(folder / "report.md", 2**20)
+    return head.startswith("# Report: ") and "Regenerate with: `python tools/report.py " in head
+
+
+def check_out_folder(args: argparse.Namespace, out: Path) -> None:
+    """--out and what is written in it may be written (ablations/outputs.py), before anything is computed."""
+    check_output(out, "--out", inputs=args.paths, folder=True, own=is_report_folder,
+                 own_what="a folder tools/report.py wrote (with its report.md)")
+    # Inside its own folder only an input (or a file or folder in the way) stops the report.
+    for name in ("report.md", "report.csv", "runs.csv"):
+        check_output(out / name, "--out", inputs=args.paths, own=lambda _: True)
+    for name, written in (("plots", not args.no_plots), ("tb_hparams", not args.no_tensorboard)):
+        if written:
+            check_output(out / name, "--out", inputs=args.paths, folder=True, own=lambda _: True, replaces=True)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out is None and len(args.paths) > 1:
         raise ReportError("several paths given: choose the output folder with --out")
     out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+    check_out_folder(args, out)
     runs = find_runs(args.paths)
     command = "python tools/report.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     markdown, train, evaluate, train_values, eval_values = build_report(args, runs, command)

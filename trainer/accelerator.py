@@ -24,6 +24,7 @@ from accelerate.utils import (
 
 from trainer.recipe import RecipeError
 from trainer.recipe_schema import Recipe
+from trainer.run_dir import RunDir
 
 
 class DistributedSetupError(RecipeError):
@@ -90,11 +91,16 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
         mixed_precision=recipe.train.precision,
         gradient_accumulation_steps=recipe.train.grad_accum_steps,
         log_with="tensorboard" if tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(RunDir(run_dir).tensorboard)),
         kwargs_handlers=handlers,
         **plugins,
     )
     check_backend(recipe, accelerator)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched and launched != recipe.train.precision:
+        accelerator.print(f"note: mixed precision {recipe.train.precision} (train.precision); the launcher's "
+                          f"{launched!r} does not apply: the recipe decides, so that a run resumes as it started "
+                          f"(--set train.precision={launched} to change it)")
     return accelerator
 
 

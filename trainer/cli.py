@@ -4,6 +4,7 @@ and the --recipe / --set arguments."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,11 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
             message = str(e)
             if isinstance(e, (FileNotFoundError, NotADirectoryError)) and e.filename:
                 message = f"{e.strerror or 'not found'}: {e.filename}"
-            print(f"error: {message}", file=sys.stderr)
+            # Under a launcher every process raises the same error at set-up: the first one says it. An error
+            # met while training (a corrupt image in one shard) may be one process's alone: each says its own.
+            rank = int(os.environ.get("RANK", "0"))
+            if rank == 0 or getattr(e, "raised_in_training", False):
+                print(f"error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
             sys.exit(USAGE_ERROR_EXIT_CODE)
 
     return wrapper

@@ -18,15 +18,19 @@ and EMA are in each checkpoint, so a resumed run continues the interrupted one b
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -34,8 +38,16 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from models import parameter_dtype
+from models.errors import UserError
 from trainer.callbacks import Callback, StepRecord
-from trainer.checkpoint import TrainState, checkpoint_name, latest_checkpoint, point, prune, save_checkpoint
+from trainer.checkpoint import (
+    TrainState,
+    checkpoint_name,
+    newest_verified_checkpoint,
+    point,
+    prune,
+    save_checkpoint,
+)
 from trainer.evaluate import evaluate
 from trainer.optim import ParameterEma, current_lr
 from trainer.recipe_schema import Recipe
@@ -67,7 +79,7 @@ class UpdateOutcome:
     loss: float  # mean over micro-batches and processes
     stop_requested: bool  # some process received SIGTERM/SIGINT
     grad_norm: float | None  # when clipping or asked for
-    skipped: bool  # non-finite loss: gradients dropped, no optimizer step
+    skipped: str | None = None  # "loss" or "gradient norm" when non-finite: no optimizer step
 
 
 class UpdateStep:
@@ -114,13 +126,16 @@ class UpdateStep:
         loss, stop_flag = self.accelerator.reduce(flags, reduction="mean").tolist()
         self.window_loss.zero_()
         self.micro_batches = 0
-        grad_norm, skipped = None, not math.isfinite(loss)
-        if not skipped:
-            if self.clip_grad_norm or want_grad_norm:
-                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm or math.inf)
-                grad_norm = float(norm) if norm is not None else None
-            elif before_optimizer_step is not None:
-                self.accelerator.unscale_gradients()  # fp16: what optimizer.step() would do first; else a no-op
+        grad_norm, skipped = None, None if math.isfinite(loss) else "loss"
+        if skipped is None and (self.clip_grad_norm or want_grad_norm):
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm or math.inf)
+            grad_norm = float(norm) if norm is not None else None
+            # an fp16 grad scaler skips inf/NaN steps itself (and lowers its scale); elsewhere they are ours to skip
+            if grad_norm is not None and not math.isfinite(grad_norm) and self.accelerator.scaler is None:
+                skipped = "gradient norm"
+        elif skipped is None and before_optimizer_step is not None:
+            self.accelerator.unscale_gradients()  # fp16: what optimizer.step() would do first; else a no-op
+        if skipped is None:
             if before_optimizer_step is not None:
                 before_optimizer_step()
             self.optimizer.step()
@@ -138,6 +153,10 @@ class StopRequest:
     processes (one rank may receive the signal a moment before the others), so every rank stops at
     the same step and the checkpoint is written collectively. A second SIGINT (Ctrl-C twice) raises
     KeyboardInterrupt at once.
+
+    On Linux the process also asks the kernel for a SIGTERM when its parent exits (`PR_SET_PDEATHSIG`):
+    `accelerate launch` dies of a SIGTERM sent to it alone without passing it on, and the trainer it
+    leaves behind must still stop and save.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -158,11 +177,26 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        parent = os.getppid()
+        if _signal_on_parent_death(signal.SIGTERM) and os.getppid() != parent:
+            self.signal_name = "SIGTERM"  # the parent died before the kernel could be asked
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _signal_on_parent_death(0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _signal_on_parent_death(sig: int) -> bool:
+    """prctl(PR_SET_PDEATHSIG, sig) on Linux (0 clears it); False where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
 
 
 def _due(step: int, end_of_epoch: bool, completed_epochs: int, every_steps: int | None,
@@ -173,9 +207,32 @@ def _due(step: int, end_of_epoch: bool, completed_epochs: int, every_steps: int 
     return bool(end_of_epoch and every_epochs and completed_epochs % every_epochs == 0) or last_epoch
 
 
-def save(run: Run, tags: list[str], best: bool = False) -> Path:
-    """Save this step's checkpoint (collective), point `best` at it if it is the new best, prune old ones."""
+def nonfinite_parts(run: Run) -> list[str]:
+    """"weights" and/or "EMA" when any of their values is NaN or infinite (collective: shards are checked
+    on every process)."""
+    modules = {"weights": run.unwrapped_model, "EMA": run.ema_model}
+    flags = []
+    for module in modules.values():
+        params = [p for p in module.parameters() if p.is_floating_point() and p.numel()] if module is not None else []
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+        flags.append((~finite).float().to(run.accelerator.device))
+    bad = torch.stack(flags)
+    if run.accelerator.num_processes > 1:
+        bad = run.accelerator.reduce(bad, reduction="sum")
+    return [name for name, flag in zip(modules, bad.tolist()) if flag > 0]
+
+
+def save(run: Run, tags: list[str], diagnostics: TrainingDiagnostics | None, best: bool = False) -> Path:
+    """Save this step's checkpoint (collective), point `best` at it if it is the new best, prune old ones.
+
+    Never with non-finite weights or EMA: that ends the run as a non-finite step would.
+    """
     state, root = run.state, run.run_dir.checkpoints
+    bad = nonfinite_parts(run)
+    if bad:
+        _end_failed(run, diagnostics, f"non-finite {' and '.join(bad)} after step {state.step}: not saved")
+    if run.recipe.data.skip_corrupt:  # collective; the count continues from here after a resume
+        state.corrupt_images_skipped = run.log.corrupt_images_total()
     if best:
         tags = [*tags, "best"]
         state.best_checkpoint = checkpoint_name(state.step)
@@ -203,23 +260,29 @@ def _improves_best(run: Run, metrics: dict[str, float]) -> bool:
     return True
 
 
-def _stop_on_nonfinite(run: Run, loss: float, where: str, diagnostics: TrainingDiagnostics | None) -> None:
-    """Count a non-finite loss; past train.nonfinite_max_skips, end the run with a NonFiniteLossError."""
-    state, limit = run.state, run.recipe.train.nonfinite_max_skips
-    state.nonfinite_skips += 1
-    if state.nonfinite_skips <= limit:
-        run.accelerator.print(f"warning: non-finite loss ({loss}) at {where}: update skipped "
-                              f"({state.nonfinite_skips}/{limit})")
-        return
-    run.status = "failed"  # a diverged state is not worth a checkpoint
+def _end_failed(run: Run, diagnostics: TrainingDiagnostics | None, problem: str) -> NoReturn:
+    """End a diverged run (no checkpoint of it is worth keeping), naming the newest checkpoint that verifies."""
+    run.status = "failed"
     run.log.close()
-    run.log.summary(state, run.status)
+    run.log.summary(run.state, run.status)
     if diagnostics is not None:
         diagnostics.finish(run)
     run.callbacks.on_train_end(run)
-    raise NonFiniteLossError(
-        f"non-finite loss ({loss}) at {where}; {state.nonfinite_skips} bad batches (train.nonfinite_max_skips "
-        f"= {limit}). Last good checkpoint: {latest_checkpoint(run.run_dir.checkpoints) or 'none'}")
+    good = newest_verified_checkpoint(run.run_dir.checkpoints)
+    raise NonFiniteLossError(f"{problem}. Last good checkpoint: {good or 'none'}")
+
+
+def _skip_or_stop(run: Run, out: UpdateOutcome, where: str, diagnostics: TrainingDiagnostics | None) -> None:
+    """Count a non-finite loss or gradient norm; past train.nonfinite_max_skips, end the run."""
+    state, limit = run.state, run.recipe.train.nonfinite_max_skips
+    value = out.loss if out.skipped == "loss" else out.grad_norm
+    state.nonfinite_skips += 1
+    if state.nonfinite_skips <= limit:
+        run.accelerator.print(f"warning: non-finite {out.skipped} ({value}) at {where}: update skipped "
+                              f"({state.nonfinite_skips}/{limit})")
+        return
+    _end_failed(run, diagnostics, f"non-finite {out.skipped} ({value}) at {where}; {state.nonfinite_skips} bad "
+                                  f"batches (train.nonfinite_max_skips = {limit})")
 
 
 def _before_optimizer_step(run: Run, diagnostics: TrainingDiagnostics | None) -> None:
@@ -245,79 +308,82 @@ def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     status, stop_signal = "max_steps", None
     run.log.start(state)
     run.callbacks.on_train_start(run)
-    with StopRequest() as stop:
-        run.model.train()
-        while state.epoch < epochs and state.step < run.stop_at and stop_signal is None:
-            epoch, batches_used = state.epoch, run.updates_per_epoch * accum  # a partial last update is dropped
-            data.train_sampler.set_epoch(epoch, skip_batches=state.batch_in_epoch)
-            batches = iter(data.train_loader)
-            step_start, data_wait = time.perf_counter(), 0.0
-            for micro in range(state.batch_in_epoch, batches_used):
-                wait_start = time.perf_counter()
-                images, targets = next(batches)
-                data_wait += time.perf_counter() - wait_start
-                if not updater.micro_batch(images, targets):
-                    continue
-
-                # --- the update: clip, step, schedule, EMA ---
-                log_step = (state.step + 1) % recipe.logging.every_steps == 0
-                out = updater.finish(state.step, stop.requested, want_grad_norm=log_step,
-                                     before_optimizer_step=before_optimizer_step)
-                if out.skipped:
-                    _stop_on_nonfinite(run, out.loss, f"step {state.step + 1} (epoch {epoch + 1}, batch {micro + 1})",
-                                       diagnostics)
-                else:
-                    state.step += 1
-                state.batch_in_epoch = micro + 1
-                end_of_epoch = state.batch_in_epoch == batches_used
-                if end_of_epoch:
-                    state.epoch, state.batch_in_epoch = epoch + 1, 0
-                step_time = time.perf_counter() - step_start
-                state.images_seen += run.geometry.global_batch
-                state.train_time_s += step_time
-                state.wall_time_s = wall_base + time.perf_counter() - session_start
-                if out.stop_requested:
-                    stop_signal = stop.signal_name or "SIGTERM"  # another process was signalled
-                if out.skipped and not end_of_epoch and stop_signal is None:
-                    step_start, data_wait = time.perf_counter(), 0.0
-                    continue
-                last_epoch = end_of_epoch and state.epoch == epochs
-
-                # --- evaluate if due ---
-                improved = False
-                if _due(state.step, end_of_epoch, state.epoch, recipe.eval.every_steps, recipe.eval.every_epochs,
-                        last_epoch):
-                    metrics = evaluate(run.eval_models(), data.eval_loader, accelerator, data.num_classes)
-                    state.evals.append({"step": state.step, "epoch": round(state.step / run.updates_per_epoch, 4),
-                                        **metrics})
-                    improved = _improves_best(run, metrics)
-                    run.log.evaluation(metrics, state)
-                    run.callbacks.on_evaluate(run, metrics)
-
-                # --- diagnostics if due, log, save if due ---
-                periodic = _due(state.step, end_of_epoch, state.epoch, every.every_steps, every.every_epochs,
-                                last_epoch and bool(every.every_epochs))
-                tags = ["periodic"] if periodic else []
-                if diagnostics is not None:
-                    diagnostics.measure_if_due(run, tags)
-                record = StepRecord(step=state.step, epoch=epoch, loss=out.loss, lr=current_lr(run.optimizer),
-                                    grad_norm=out.grad_norm, images=run.geometry.global_batch, step_time_s=step_time,
-                                    data_wait_s=data_wait, end_of_epoch=end_of_epoch)
-                run.log.step(record, state)
-                if periodic or improved:
-                    save(run, tags, best=improved)
-                run.callbacks.on_step_end(run, record)
-
-                # --- stop ---
-                if stop_signal is not None:
-                    status = "preempted"
-                    if run.saved_step != state.step:
-                        save(run, ["preempt"])
-                    break
-                if state.step >= run.stop_at:
-                    break
+    try:
+        with StopRequest() as stop:
+            run.model.train()
+            while state.epoch < epochs and state.step < run.stop_at and stop_signal is None:
+                epoch, batches_used = state.epoch, run.updates_per_epoch * accum  # a partial last update is dropped
+                data.train_sampler.set_epoch(epoch, skip_batches=state.batch_in_epoch)
+                batches = iter(data.train_loader)
                 step_start, data_wait = time.perf_counter(), 0.0
+                for micro in range(state.batch_in_epoch, batches_used):
+                    wait_start = time.perf_counter()
+                    images, targets = next(batches)
+                    data_wait += time.perf_counter() - wait_start
+                    if not updater.micro_batch(images, targets):
+                        continue
 
+                    # --- the update: clip, step, schedule, EMA ---
+                    log_step = (state.step + 1) % recipe.logging.every_steps == 0
+                    out = updater.finish(state.step, stop.requested, want_grad_norm=log_step,
+                                         before_optimizer_step=before_optimizer_step)
+                    if out.skipped:
+                        _skip_or_stop(run, out, f"step {state.step + 1} (epoch {epoch + 1}, batch {micro + 1})",
+                                      diagnostics)
+                    else:
+                        state.step += 1
+                    state.batch_in_epoch = micro + 1
+                    end_of_epoch = state.batch_in_epoch == batches_used
+                    if end_of_epoch:
+                        state.epoch, state.batch_in_epoch = epoch + 1, 0
+                    step_time = time.perf_counter() - step_start
+                    state.images_seen += run.geometry.global_batch
+                    state.train_time_s += step_time
+                    state.wall_time_s = wall_base + time.perf_counter() - session_start
+                    if out.stop_requested:
+                        stop_signal = stop.signal_name or "SIGTERM"  # another process was signalled
+                    if out.skipped and not end_of_epoch and stop_signal is None:
+                        step_start, data_wait = time.perf_counter(), 0.0
+                        continue
+                    last_epoch = end_of_epoch and state.epoch == epochs
+
+                    # --- evaluate if due ---
+                    improved = False
+                    if _due(state.step, end_of_epoch, state.epoch, recipe.eval.every_steps, recipe.eval.every_epochs,
+                            last_epoch):
+                        metrics = evaluate(run.eval_models(), data.eval_loader, accelerator, data.num_classes)
+                        state.evals.append({"step": state.step, "epoch": round(state.step / run.updates_per_epoch, 4),
+                                            **metrics})
+                        improved = _improves_best(run, metrics)
+                        run.log.evaluation(metrics, state)
+                        run.callbacks.on_evaluate(run, metrics)
+
+                    # --- diagnostics if due, log, save if due ---
+                    periodic = _due(state.step, end_of_epoch, state.epoch, every.every_steps, every.every_epochs,
+                                    last_epoch and bool(every.every_epochs))
+                    tags = ["periodic"] if periodic else []
+                    if diagnostics is not None:
+                        diagnostics.measure_if_due(run, tags)
+                    record = StepRecord(step=state.step, epoch=epoch, loss=out.loss, lr=current_lr(run.optimizer),
+                                        grad_norm=out.grad_norm, images=run.geometry.global_batch, step_time_s=step_time,
+                                        data_wait_s=data_wait, end_of_epoch=end_of_epoch)
+                    run.log.step(record, state)
+                    if periodic or improved:
+                        save(run, tags, diagnostics, best=improved)
+                    run.callbacks.on_step_end(run, record)
+
+                    # --- stop ---
+                    if stop_signal is not None:
+                        status = "preempted"
+                        if run.saved_step != state.step:
+                            save(run, ["preempt"], diagnostics)
+                        break
+                    if state.step >= run.stop_at:
+                        break
+                    step_start, data_wait = time.perf_counter(), 0.0
+    except UserError as error:  # e.g. a corrupt image in this process's shard: every process says what it hit
+        error.raised_in_training = True
+        raise
     state.finished = state.epoch >= epochs
     run.status = "finished" if state.finished else status
     state.wall_time_s = wall_base + time.perf_counter() - session_start
@@ -325,7 +391,7 @@ def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
         tags = ["final"] if state.finished else ["stopped"]
         if diagnostics is not None:
             diagnostics.measure_if_due(run, tags)
-        save(run, tags)
+        save(run, tags, diagnostics)
     run.log.close()
     run.log.summary(state, run.status)
     if diagnostics is not None:

@@ -203,6 +203,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
                 return True, converted
         return False, value
     if origin is Literal:
+        if value is False and "no" in typing.get_args(hint):  # YAML reads `precision: no` as false
+            return True, "no"
         return value in typing.get_args(hint) and isinstance(value, str | bool | int), value
     if origin is list:
         if not isinstance(value, list | tuple):

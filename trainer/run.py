@@ -2,29 +2,31 @@
 
 `build_run` spells out the order once:
 
-    accelerator -> run dir checked and recipe.yaml written -> data -> model (variant applied at
-    creation, trained weights loaded for finetuning) -> trainable mask -> optimizer over the
-    de-duplicated trainable parameters -> schedule -> accelerate.prepare -> EMA copy of the
-    prepared (rank-0-broadcast) weights -> checkpoint restore (RNG streams included) -> trackers.
+    accelerator -> the checkpoint to resume from (verified) -> run dir checked -> data -> model
+    (variant applied at creation, trained weights loaded for finetuning) -> trainable mask ->
+    optimizer over the de-duplicated trainable parameters -> schedule -> accelerate.prepare -> EMA
+    copy of the prepared (rank-0-broadcast) weights -> checkpoint restore (RNG streams included) ->
+    recipe.yaml written, logs of the steps to redo dropped -> trackers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
 from models import create_vit_from_recipe
+from models.errors import UserError
 from models.weights import load_initial_weights
 from trainer.accelerator import build_accelerator
 from trainer.callbacks import Callback, CallbackList
-from trainer.checkpoint import TrainState, load_checkpoint, remove_incomplete
+from trainer.checkpoint import TRAINER_STATE, CheckpointError, TrainState, load_checkpoint, remove_incomplete
 from trainer.data import DataBundle, build_data
 from trainer.optim import (
     BatchGeometry,
@@ -36,7 +38,14 @@ from trainer.optim import (
 )
 from trainer.recipe import RecipeError, flatten_recipe
 from trainer.recipe_schema import Recipe
-from trainer.run_dir import RunDir, prepare_run_dir, resolve_resume, resolve_weights_file, truncate_jsonl
+from trainer.run_dir import (
+    RunDir,
+    check_run_dir,
+    resolve_resume,
+    resolve_weights_file,
+    truncate_jsonl,
+    write_recipe,
+)
 from trainer.tracking import RunLogger
 
 
@@ -111,6 +120,31 @@ class Run:
         self.log.append_jsonl(filename, {"step": self.step, "epoch": self.epoch, **record})
 
 
+def on_main_for_all(accelerator: Accelerator, compute: Callable[[], Any]) -> Any:
+    """`compute()` on the main process; every process returns its result or raises its user error."""
+    outcome: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [compute(), None]
+        except (UserError, FileNotFoundError) as e:
+            outcome = [None, e]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+def check_position(state: TrainState, checkpoint: Path, batches_per_epoch: int, total_steps: int) -> None:
+    """The loop position a checkpoint holds must exist in this recipe's data (a damaged or foreign state)."""
+    where = checkpoint / TRAINER_STATE
+    if not 0 <= state.batch_in_epoch < batches_per_epoch:
+        raise CheckpointError(f"{where}: batch_in_epoch = {state.batch_in_epoch} is outside [0, {batches_per_epoch}), "
+                              "the batches of one epoch here")
+    if state.step > total_steps:
+        raise CheckpointError(f"{where}: step = {state.step} is past this recipe's {total_steps} updates")
+
+
 def _hparams(recipe: Recipe) -> dict:
     return {k: ("null" if v is None else v) for k, v in flatten_recipe(recipe).items()}
 
@@ -120,9 +154,13 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     """Build (or restore, with `resume` = "auto" or a checkpoint path) the run `recipe` describes."""
     paths = RunDir(Path(run_dir))
     accelerator = build_accelerator(recipe, paths.root)
-    resume_from = resolve_resume(paths, resume)
-    prepare_run_dir(paths, recipe, resume_from, accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
-    accelerator.wait_for_everyone()
+
+    def skipped(path: Path, why: str) -> None:
+        accelerator.print(f"warning: skipping checkpoint {path}: {why}")
+
+    # verified once (hashing every file), on the main process; every process gets its answer or its error
+    resume_from = on_main_for_all(accelerator, lambda: resolve_resume(paths, resume, skipped))
+    check_run_dir(paths, recipe, resume_from)
     cfg = recipe.train
 
     data = build_data(recipe, accelerator.num_processes, accelerator.process_index)
@@ -145,23 +183,27 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = ParameterEma(unwrapped, cfg.ema_decay) if cfg.ema_decay is not None else None
 
+    total_steps = recipe.schedule.epochs * updates_per_epoch
     state = TrainState(num_processes=accelerator.num_processes)
     if resume_from is not None:
         state = load_checkpoint(resume_from, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                                 ema=ema)
+        check_position(state, resume_from, updates_per_epoch * cfg.grad_accum_steps, total_steps)
         scheduler.step_update(state.step)
-        if accelerator.is_main_process:
-            truncate_jsonl(paths.metrics, state.step)  # records of the steps being redone
     else:
         set_seed(cfg.seed + accelerator.process_index)  # the loop's own streams differ per process
     if accelerator.is_main_process:
+        write_recipe(paths, recipe)  # only now: a start that failed above leaves the run dir as it was
+        truncate_jsonl(paths.metrics, state.step)  # records of the steps being redone (all, on a fresh start)
         remove_incomplete(paths.checkpoints)
+    accelerator.wait_for_everyone()
     if recipe.logging.tensorboard:
-        # purge_step: events of steps being redone after a resume are dropped from the old files
+        # purge_step: events of the steps being redone (after a resume, or a restart from step 0) are
+        # dropped from the earlier event files
+        had_events = any(paths.tensorboard.glob("**/events.out.tfevents.*"))
         accelerator.init_trackers("", config=_hparams(recipe),
-                                  init_kwargs={"tensorboard": {"purge_step": state.step + 1} if state.step else {}})
+                                  init_kwargs={"tensorboard": {"purge_step": state.step + 1} if had_events else {}})
 
-    total_steps = recipe.schedule.epochs * updates_per_epoch
     log = RunLogger(recipe, accelerator, paths, total_steps=total_steps, updates_per_epoch=updates_per_epoch,
                     global_batch=geometry.global_batch, corrupt_images=data.skipped_corrupt)
     return Run(recipe=recipe, accelerator=accelerator, run_dir=paths, data=data, model=model, unwrapped_model=unwrapped,

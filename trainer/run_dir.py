@@ -14,8 +14,11 @@ one atomic file write, and the JSON-lines helpers the loggers share.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +30,17 @@ from diagnostics.records import DIAGNOSTICS_FILE
 from models import create_vit_from_recipe, profile_model
 from models.weights import WeightInitError
 from trainer.checkpoint import (
-    MANIFEST,
     MODEL_FILE,
     TMP_PREFIX,
     CheckpointError,
+    DiskFullError,
     TrainState,
+    checkpoint_dirs,
+    format_bytes,
     fsync_file,
-    is_complete,
-    latest_checkpoint,
+    newest_verified_checkpoint,
+    out_of_space,
+    verify_checkpoint,
 )
 from trainer.recipe import RecipeError, flatten_recipe, recipe_from_dict, save_recipe
 from trainer.recipe_schema import Recipe
@@ -104,21 +110,60 @@ class RunDir:
 
 # ---- files: one atomic write, JSON lines ----------------------------------------------------
 
+def _disk_full(path: Path, needed: int) -> DiskFullError:
+    free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+    return DiskFullError(errno.ENOSPC, f"no space left on the device writing {path}: it needs {format_bytes(needed)}, "
+                                       f"{format_bytes(free)} free; the last good checkpoint is intact, and "
+                                       "--resume auto continues once space is freed")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename (fsync'd first), so a reader or a kill never leaves a half-written file."""
+    """Write-then-rename (fsync'd first), so a reader or a kill never leaves a half-written file.
+    Out of space: DiskFullError, the old file intact and the temporary one removed."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if out_of_space(e, path.parent):
+            raise _disk_full(path, len(text.encode())) from None
+        raise
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_atomic(path, strict_json(data, indent=2) + "\n")
+
+
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """JSON that every parser reads: NaN and infinities become null (Python writes bare `NaN`)."""
+    return json.dumps(_finite_or_null(data), allow_nan=False, **kwargs)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One strict-JSON line; a line cut off by a full disk is removed again (readers would stop at it)."""
+    line = strict_json(record) + "\n"
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as e:
+        if not out_of_space(e, path.parent):
+            raise
+        with open(path, "r+") as f:
+            f.truncate(size)
+        raise _disk_full(path, len(line.encode())) from None
 
 
 def truncate_jsonl(path: Path, after_step: int) -> None:
@@ -129,14 +174,22 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     """
     if not path.is_file():
         return
-    text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip()]
-    if lines and not text.endswith("\n"):
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            lines.pop()
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= after_step]
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # cut off by a kill mid-append
+            raise RunDirError(f"{path}:{number}: not a JSON record ({e}); repair or delete the line") from None
+        if record.get("step", 0) <= after_step:
+            kept.append(line)
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -151,7 +204,14 @@ def default_run_dir(recipe: Recipe, recipe_path: str | Path, output: str | None)
 
 
 def load_saved_recipe(path: Path) -> Recipe:
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RunDirError(f"{path}: not a recipe (invalid YAML: {str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path}: not a recipe (not text)") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: not a recipe (a {type(data).__name__}, not a mapping of sections)")
     return recipe_from_dict(data, source=str(path))
 
 
@@ -170,40 +230,72 @@ def check_same_recipe(saved_path: Path, current: Recipe, what: str) -> None:
                           "Use the same recipe and --set overrides, or another --output")
 
 
-def resolve_resume(run: RunDir, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: `auto` = newest complete one in the run dir (None if there is none)."""
+def resolve_resume(run: RunDir, resume: str | None,
+                   on_skip: Callable[[Path, str], None] = lambda path, why: None) -> Path | None:
+    """The checkpoint to resume from, verified (trainer/checkpoint.py `verify_checkpoint`).
+
+    `auto`: the newest checkpoint of the run dir that verifies (`on_skip(path, why)` for each newer one
+    that does not); None when the run dir has no checkpoint at all, but an error when it has some and
+    none verifies: a run is never silently started over. A path: that checkpoint, or an error saying
+    what is wrong with it.
+    """
     if resume is None:
         return None
     if resume == "auto":
-        return latest_checkpoint(run.checkpoints)
+        found = newest_verified_checkpoint(run.checkpoints, on_skip)
+        existing = checkpoint_dirs(run.checkpoints)
+        if found is None and existing:
+            raise CheckpointError(f"run dir {run.root}: none of its {len(existing)} checkpoints verifies (newest: "
+                                  f"{existing[-1].name}); refusing to start over from step 0: restore a checkpoint, "
+                                  "or move the run dir away to train afresh")
+        return found
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(2, "checkpoint not found", str(path))
-    if not is_complete(path):
-        raise CheckpointError(f"--resume {path}: not a complete checkpoint (no valid {MANIFEST}); "
-                              f"complete ones: {latest_checkpoint(path.parent) or 'none'}")
+    try:
+        verify_checkpoint(path.resolve())
+    except CheckpointError as e:
+        good = newest_verified_checkpoint(path.resolve().parent)
+        raise CheckpointError(f"{e}; the newest checkpoint that verifies is {good or 'none'}") from None
     return path
 
 
-def prepare_run_dir(run: RunDir, recipe: Recipe, resume_from: Path | None, is_main: bool,
-                    barrier: Callable[[], None] = lambda: None) -> None:
-    """Refuse to overwrite another recipe's run or an unfinished run; write recipe.yaml.
-
-    Called on every process: all check (and raise the same error) before `barrier`, after which
-    only the main process writes, so no process reads a half-written recipe.yaml.
-    """
+def check_run_dir(run: RunDir, recipe: Recipe, resume_from: Path | None) -> None:
+    """Refuse to overwrite another recipe's run or an unfinished run (every process checks alike)."""
+    if run.root.exists() and not run.root.is_dir():
+        raise RunDirError(f"--output {run.root} is a file, not a run directory: choose another --output")
+    written = [p.name for p in (run.metrics, run.summary, run.diagnostics, run.checkpoints, run.tensorboard)
+               if p.exists()]
+    if written and not run.recipe.is_file():  # a run writes its recipe.yaml before anything else
+        raise RunDirError(f"--output {run.root} holds {', '.join(written)} but no {run.recipe.name}: it is not a "
+                          "depthlab run directory, and its files are not the trainer's to overwrite; choose another "
+                          "--output")
     if resume_from is not None:
         check_same_recipe(resume_from / run.recipe.name, recipe, f"checkpoint {resume_from}")
     if run.recipe.is_file():
         check_same_recipe(run.recipe, recipe, f"run dir {run.root}")
-    if resume_from is None and latest_checkpoint(run.checkpoints) is not None:
-        raise RunDirError(f"run dir {run.root} already holds checkpoints ({latest_checkpoint(run.checkpoints)}); "
+    existing = checkpoint_dirs(run.checkpoints)
+    if resume_from is None and existing:
+        raise RunDirError(f"run dir {run.root} already holds checkpoints ({existing[-1]}); "
                           "pass --resume auto to continue it, or choose another --output")
+
+
+def write_recipe(run: RunDir, recipe: Recipe, header: str = "resolved recipe of this run (depthlab)") -> None:
+    """recipe.yaml (main process), written once everything the run needs was built: a start that fails
+    (a missing data.root, say) leaves no recipe behind to refuse the corrected command."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.checkpoints.mkdir(exist_ok=True)
+    save_recipe(recipe, run.recipe, header=header)
+
+
+def prepare_run_dir(run: RunDir, recipe: Recipe, resume_from: Path | None, is_main: bool,
+                    barrier: Callable[[], None] = lambda: None) -> None:
+    """`check_run_dir` on every process, then `write_recipe` on the main one (after `barrier`, so no process
+    reads a half-written recipe.yaml)."""
+    check_run_dir(run, recipe, resume_from)
     barrier()
     if is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.mkdir(exist_ok=True)
-        save_recipe(recipe, run.recipe, header="resolved recipe of this run (depthlab)")
+        write_recipe(run, recipe)
 
 
 def resolve_weights_file(checkpoint: str | Path) -> Path:

@@ -1,10 +1,18 @@
 """What a run reports: TensorBoard (through accelerate's tracker), metrics.jsonl, summary.json, the console.
 
 One writer: accelerate creates trackers on the main process only, and every file here is
-written by the main process only. Console: a tqdm bar with ETA (when stderr is a terminal) and
-one DeiT-style line per epoch:
+written by the main process only. Console: one DeiT-style line per epoch,
 
     epoch 12/300  loss 3.412  top1 61.23  top1_ema 62.01  lr 9.8e-04  1234 img/s  ETA 5:21:10
+
+and in between a tqdm bar with ETA when stderr is a terminal, or, when it is not (a Slurm log), a
+progress line every logging.every_steps steps:
+
+    step 1234/375000  epoch 3.29  loss 3.412  lr 9.8e-04  1234 img/s  ETA 5:21:10
+
+The logging window (the loss summed since the last logged step) lives in the TrainState, so a
+resumed run logs the same means as an uninterrupted one; so does the count of skipped corrupt
+images. Records are strict JSON (NaN is null).
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ def epoch_line(epoch: int, epochs: int, loss: float, lr: float, img_s: float, et
     return "  ".join(parts)
 
 
+def progress_line(step: int, total: int, epoch: float, loss: float, lr: float, img_s: float, eta_s: float) -> str:
+    return (f"step {step}/{total}  epoch {epoch:.2f}  loss {loss:.3f}  lr {lr:.1e}  {img_s:.0f} img/s  "
+            f"ETA {format_duration(eta_s)}")
+
+
 class _Window:
     """Running sums over a span of steps."""
 
@@ -70,6 +83,7 @@ class RunLogger:
         self.recipe, self.cfg, self.accelerator, self.run_dir = recipe, recipe.logging, accelerator, run_dir
         self.total_steps, self.updates_per_epoch, self.global_batch = total_steps, updates_per_epoch, global_batch
         self.corrupt_images = corrupt_images  # this process's count of replaced unreadable images
+        self.corrupt_images_before = 0  # all processes' count of the sessions before this one
         self.window, self.epoch_window = _Window(), _Window()
         self.last_eval: dict[str, float] | None = None
         self.bar: tqdm | None = None
@@ -103,6 +117,8 @@ class RunLogger:
     # ---- the loop's events ---------------------------------------------------------------------
     def start(self, state: TrainState) -> None:
         self.session_start, self.session_start_step = time.perf_counter(), state.step
+        self.window.loss, self.window.steps = state.log_window_loss, state.log_window_steps
+        self.corrupt_images_before = state.corrupt_images_skipped
         if self.is_main_process:
             self.cost = model_cost(self.recipe)
             if self.cfg.progress_bar and sys.stderr.isatty():
@@ -139,15 +155,20 @@ class RunLogger:
             }
             if state.nonfinite_skips:
                 values["train/nonfinite_skips"] = state.nonfinite_skips
-            skipped = self._corrupt_images_skipped()  # collective: every process is here
-            if skipped:
-                values["train/corrupt_images_skipped"] = skipped
+            if self.recipe.data.skip_corrupt:  # (without it the first unreadable image stops the run)
+                skipped = self.corrupt_images_total()  # collective: every process is here
+                if skipped:
+                    values["train/corrupt_images_skipped"] = skipped
             self.log_scalars(values, step=record.step)
             jsonl = {k.removeprefix("train/"): (round(v, 6) if isinstance(v, float) else v)
                      for k, v in values.items()}
             self.append_jsonl(self.run_dir.metrics.name, {"step": state.step, "epoch": state.epoch,
                                                           "kind": "train", **jsonl})
+            if self.bar is None and not record.end_of_epoch and not sys.stderr.isatty():
+                self.print(progress_line(record.step, self.total_steps, values["train/epoch"], values["train/loss"],
+                                         record.lr, values["train/throughput_img_s"] or 0.0, self._eta(record.step)))
             self.window = _Window()
+        state.log_window_loss, state.log_window_steps = self.window.loss, int(self.window.steps)
         if record.end_of_epoch:
             w = self.epoch_window
             metrics = self.last_eval if self.last_eval and self.last_eval.get("step") == record.step else None
@@ -155,11 +176,13 @@ class RunLogger:
                                   w.images / w.time if w.time else 0.0, self._eta(record.step), metrics))
             self.epoch_window = _Window()
 
-    def _corrupt_images_skipped(self) -> int:
+    def corrupt_images_total(self) -> int:
+        """Unreadable images replaced so far, all processes and sessions (collective). With loader workers,
+        images of batches prefetched at a checkpoint are read, and counted, again after a resume."""
         if self.corrupt_images is None:
-            return 0
+            return self.corrupt_images_before
         local = torch.tensor(float(self.corrupt_images()), device=self.accelerator.device)
-        return int(self.accelerator.reduce(local, reduction="sum").item())
+        return self.corrupt_images_before + int(self.accelerator.reduce(local, reduction="sum").item())
 
     def evaluation(self, metrics: dict[str, float], state: TrainState) -> None:
         """Eval scalars, a metrics.jsonl record (fractional epoch) and a `running` summary.json."""

@@ -8,7 +8,11 @@
                                                                        # score a trained model (no training)
 
 Exit codes: 0 finished or preempted (a checkpoint was saved; the message says how to resume),
-1 stopped on a non-finite loss, 2 bad input (recipe, path, data, run dir).
+1 stopped on a non-finite loss, gradient norm or weights (the message names the last good
+checkpoint), 2 bad input (recipe, path, data, run dir, checkpoint), 3 out of disk space (the run is
+intact: free space and `--resume auto`), 130 interrupted by a second Ctrl-C (the step in
+progress is not saved; the previous checkpoint is). Under `accelerate launch` the launcher's own exit code is
+what a shell sees: see "Faults and what survives them" in the README.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from trainer.recipe import RecipeError, dump_recipe
 from trainer.run_dir import RunDir, default_run_dir
 
 NONFINITE_EXIT_CODE = 1
+DISK_FULL_EXIT_CODE = 3
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process ended by SIGINT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +65,7 @@ def resume_command(args: argparse.Namespace, run_dir: Path, num_processes: int, 
 def report(result, args: argparse.Namespace, accelerator_state) -> None:
     run_dir = result.run_dir
     if result.status == "preempted":
-        print(f"stopped by {result.stop_signal} at step {result.state.step} (epoch {result.state.epoch}); "
+        print(f"stopped by {result.stop_signal} at step {result.state.step} ({epoch_position(result.state)}); "
               f"checkpoint saved: {result.last_checkpoint}\nresume with:\n  "
               f"{resume_command(args, run_dir, accelerator_state.num_processes, _num_machines())}")
     else:
@@ -69,6 +75,13 @@ def report(result, args: argparse.Namespace, accelerator_state) -> None:
             print(f"{result.status} at step {result.state.step}: top1 {raw['top1']:.2f}{ema}")
     tb = RunDir(run_dir).tensorboard
     print(f"run dir: {run_dir}\nTensorBoard logs: {tb}\n  tensorboard --logdir {shlex.quote(str(tb))}")
+
+
+def epoch_position(state) -> str:
+    """Where in training a step is, 1-based as the console's epoch lines are."""
+    if state.batch_in_epoch == 0:
+        return f"end of epoch {state.epoch}"
+    return f"in epoch {state.epoch + 1}"
 
 
 def evaluate_only(recipe, run_dir: Path) -> None:
@@ -104,14 +117,20 @@ def main(argv: list[str] | None = None) -> None:
     if recipe.eval.pe_scale != 1.0:
         raise RecipeError(f"eval.pe_scale = {recipe.eval.pe_scale}: a scaled position embedding is an "
                           "evaluation-only experiment; add --eval-only (training evaluates at 1.0)")
+    from trainer.checkpoint import DiskFullError
     from trainer.loop import NonFiniteLossError, train
 
     try:
         result = train(recipe, run_dir, resume=args.resume)
-    except NonFiniteLossError as e:
+    except KeyboardInterrupt:  # the second Ctrl-C: stop now, without the step's checkpoint
         if PartialState().is_main_process:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(NONFINITE_EXIT_CODE)
+            print(f"error: interrupted (Ctrl-C twice): the step in progress was not saved; continue from the last "
+                  f"checkpoint with --resume auto (run dir {run_dir})", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except (NonFiniteLossError, DiskFullError) as e:
+        if PartialState().is_main_process:
+            print(f"error: {e.strerror if isinstance(e, DiskFullError) else e}", file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE if isinstance(e, NonFiniteLossError) else DISK_FULL_EXIT_CODE)
     state = PartialState()
     if state.is_main_process:
         report(result, args, state)
