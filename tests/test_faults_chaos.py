@@ -31,7 +31,7 @@ OVERRIDES = [*TINY_OVERRIDES, "schedule.epochs=3",
 #   diagnostics:S  in the middle of the diagnostics measurement of step S
 SCRIPT = """
 import os, signal, sys
-import trainer.checkpoint, trainer.tracking, trainer.training_diagnostics
+import trainer.save_restore, trainer.tracking, trainer.training_diagnostics
 from trainer.train import main
 
 where, _, at = os.environ.get("DEPTHLAB_KILL", "none:0").partition(":")
@@ -40,13 +40,13 @@ at, commits = int(at), []
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-real_commit = trainer.checkpoint.commit
+real_commit = trainer.save_restore.commit
 def commit(tmp, final, manifest):
     commits.append(final)
     if where == "commit" and len(commits) == at:
         die()
     return real_commit(tmp, final, manifest)
-trainer.checkpoint.commit = commit
+trainer.save_restore.commit = commit
 
 real_step = trainer.tracking.RunLogger.step
 def step(self, record, state):

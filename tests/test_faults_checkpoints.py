@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainer.checkpoint
+import trainer.save_restore
 from models import create_vit, save_model_file
 from tests.conftest import DEMO_RECIPE, TINY_OVERRIDES
 from trainer.checkpoint import MANIFEST, _files_under, complete_checkpoints, read_manifest, verify_checkpoint
@@ -227,7 +228,7 @@ def small_disk(path: Path, size: int, monkeypatch):
                                                    capture_output=True).returncode == 0
     calls = []
     if not mounted:
-        real = trainer.checkpoint.save_model_file
+        real = trainer.save_restore.save_model_file
 
         def full(module, file, **kwargs):
             calls.append(file)
@@ -235,7 +236,7 @@ def small_disk(path: Path, size: int, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device", str(file))
             return real(module, file, **kwargs)
 
-        monkeypatch.setattr(trainer.checkpoint, "save_model_file", full)
+        monkeypatch.setattr(trainer.save_restore, "save_model_file", full)
 
     def free() -> None:
         if mounted:

@@ -129,16 +129,16 @@ def test_ctrl_c_twice_stops_at_once_with_one_line_and_exit_130(tmp_path):
 
 KILL_SCRIPT = """
 import os, signal, sys
-import trainer.checkpoint
+import trainer.save_restore
 from trainer.train import main
 
-real_commit, calls = trainer.checkpoint.commit, []
+real_commit, calls = trainer.save_restore.commit, []
 def commit_then_die(tmp, final, manifest):
     calls.append(tmp)
     if len(calls) == 2:  # the second save: all files written, not yet sealed or renamed
         os.kill(os.getpid(), signal.SIGKILL)
     return real_commit(tmp, final, manifest)
-trainer.checkpoint.commit = commit_then_die
+trainer.save_restore.commit = commit_then_die
 main(sys.argv[1:])
 """
 

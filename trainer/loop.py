@@ -46,12 +46,12 @@ from trainer.checkpoint import (
     newest_verified_checkpoint,
     point,
     prune,
-    save_checkpoint,
 )
 from trainer.evaluate import evaluate
 from trainer.optim import ParameterEma, current_lr
 from trainer.recipe_schema import Recipe
 from trainer.run import Run, build_run
+from trainer.save_restore import save_checkpoint
 from trainer.training_diagnostics import TrainingDiagnostics
 
 

@@ -26,7 +26,7 @@ from models.errors import UserError
 from models.weights import load_initial_weights
 from trainer.accelerator import build_accelerator
 from trainer.callbacks import Callback, CallbackList
-from trainer.checkpoint import TRAINER_STATE, CheckpointError, TrainState, load_checkpoint, remove_incomplete
+from trainer.checkpoint import TRAINER_STATE, CheckpointError, TrainState, remove_incomplete
 from trainer.data import DataBundle, build_data
 from trainer.optim import (
     BatchGeometry,
@@ -46,6 +46,7 @@ from trainer.run_dir import (
     truncate_jsonl,
     write_recipe,
 )
+from trainer.save_restore import load_checkpoint
 from trainer.tracking import RunLogger
 
 
