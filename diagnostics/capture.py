@@ -125,15 +125,26 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+PE_SCALE_ROWS = ("patches", "all")
+
+
 @contextlib.contextmanager
-def scaled_position_embedding(model: nn.Module, alpha: float) -> Iterator[nn.Module]:
-    """Evaluate with e_i + alpha * p_i (science.md §1, PE-scale experiment); restored on exit."""
+def scaled_position_embedding(model: nn.Module, alpha: float, rows: str = "patches") -> Iterator[nn.Module]:
+    """Evaluate with e_i + alpha * p_i (science.md §1, PE-scale experiment); restored on exit.
+
+    `rows="patches"` scales the rows of the patch positions only, as the experiment is defined; the
+    rows of prefix tokens (CLS, registers), when pos_embed has them, stay as trained. `"all"` scales
+    every row (what depthlab did before, kept to compare)."""
     model = unwrap_model(model)
     if model.pos_embed is None:
         raise ValueError(f"{type(model).__name__} has no learned pos_embed to scale")
+    if rows not in PE_SCALE_ROWS:
+        raise ValueError(f"pe_scale rows = {rows!r}: expected one of {', '.join(PE_SCALE_ROWS)}")
     original = model.pos_embed.detach().clone()
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    first = prefix if rows == "patches" else 0
     with torch.no_grad():
-        model.pos_embed.mul_(alpha)
+        model.pos_embed[:, first:].mul_(alpha)
     try:
         yield model
     finally:

@@ -3,11 +3,13 @@
 The file is a `.safetensors` state dict: `models.save_model_file` output (a run's `model.safetensors`
 or `ema.safetensors`) or any timm-format state dict saved as safetensors. Keys are checked
 strictly: a key of the file the model does not have, or a model key the file does not cover, is an
-error naming the file and the keys. A GroupedMLP's shared MLP is stored once; its tied names count
-as covered. Two shape mismatches are adapted, as timm does when it loads pretrained weights: the
-classifier head when `num_classes` differs (it keeps its fresh initialisation: finetuning on a new
-label set) and `pos_embed` when the patch grid differs (resampled with
-`timm.layers.resample_abs_pos_embed`). Any other shape mismatch is an error.
+error naming the file and the keys — except the classifier head, which a backbone file may lack
+(Google's original in-21k ViT-B/16, timm's `orig_in21k` tag, has none): the head then keeps its
+fresh initialisation, and `WeightInit.reinitialised` and a warning say so. A GroupedMLP's shared MLP
+is stored once; its tied names count as covered. Two shape mismatches are adapted, as timm does
+when it loads pretrained weights: the classifier head when `num_classes` differs (it keeps its fresh
+initialisation: finetuning on a new label set) and `pos_embed` when the patch grid differs
+(resampled with `timm.layers.resample_abs_pos_embed`). Any other shape mismatch is an error.
 """
 
 from __future__ import annotations
@@ -92,18 +94,26 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> WeightInit:
     expected = set(tied)
     unexpected = sorted(set(state) - expected)
     missing = sorted(n for n in expected - set(state) if not any(t in state for t in tied[n]))
+    fresh_head = [name for name in missing if name in _classifier_names(model)]  # a backbone without a head
+    missing = [name for name in missing if name not in fresh_head]
     if unexpected or missing:
         parts = [f"{len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
                  for what, keys in (("unexpected keys", unexpected), ("missing keys", missing)) if keys]
         raise WeightInitError(f"model.checkpoint = {path} does not match the recipe's model "
                               f"{type(model).__name__}: {'; '.join(parts)}. Check model.name, model.depth, "
                               "variant.kind and the other model settings against the checkpoint's recipe")
+    current = model.state_dict()
+    for name in fresh_head:
+        state[name] = current[name].detach().clone()
     for name in expected - set(state):  # tied duplicates stored once
         state[name] = state[next(t for t in tied[name] if t in state)]
-    info = WeightInit(path)
+    info = WeightInit(path, reinitialised=list(fresh_head))
     _fit_shapes(model, state, path, info)
     model.load_state_dict(state, strict=True)
-    if info.reinitialised:
+    if fresh_head:
+        _logger.warning("model.checkpoint %s has no classifier: %s initialised fresh (a backbone)", path,
+                        ", ".join(fresh_head))
+    elif info.reinitialised:
         _logger.warning("model.checkpoint %s: classifier %s re-initialised (different num_classes)",
                         path, ", ".join(info.reinitialised))
     if info.resampled:

@@ -27,7 +27,7 @@ TINY_OVERRIDES = [
     "data.num_workers=0", "data.pin_memory=false",
     "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
     "train.batch_size=8", "train.precision='no'", "eval.batch_size=16",
-    "schedule.epochs=2", "schedule.warmup_epochs=0.5", "schedule.warmup_lr=1e-4",
+    "schedule.epochs=2", "schedule.warmup_epochs=0.5", "schedule.warmup_steps=null", "schedule.warmup_lr=1e-4",
     "logging.every_steps=1", "logging.progress_bar=false", "diagnostics.enabled=false",
 ]
 

@@ -102,3 +102,37 @@ def test_longest_flat_window_is_the_longest_of_all_windows(values, data):
     assert last - first == longest
     assert (first, last) == min((a, b) for a, b in flat if b - a == longest)
     assert median == pytest.approx(np.median(values[first:last + 1]))
+
+
+def literal_climb(values, after, threshold):
+    """science.md's words taken literally: the first stage after the plateau above the threshold from which
+    the curve keeps rising to the end with at most one dip (no condition on how the stage was reached)."""
+    for s in range(after + 1, len(values)):
+        if values[s] > threshold and sum(values[k] < values[k - 1] for k in range(s + 1, len(values))) <= 1:
+            return s
+    return None
+
+
+def test_a_climb_starts_with_a_rise_never_at_a_drop():
+    # after the plateau: 0.02, 0.015, 0.03, 0.025, 0.04. From 0.02 the curve dips twice; the literal rule
+    # would start the climb at 0.015, a drop; depthlab starts it at the next rise, 0.03 (block_6)
+    names, values = curve(0.02, -0.002, 0.0, 0.0, 0.0, 0.02, 0.015, 0.03, 0.025, 0.04)
+    phases = detect_phases(names, values)
+    after, threshold = names.index(phases.plateau_end), phases.plateau_median + phases.tau
+    assert names[literal_climb(values, after, threshold)] == "block_5" and phases.climb_start == "block_6"
+    # a rise into the last stage alone is a climb; a rise followed by a fall at the end is one dip
+    assert detect_phases(*curve(0.02, -0.002, 0.0, 0.0, 0.0, 0.0, 0.03)).climb_start == "block_5"
+    assert detect_phases(*curve(0.02, -0.002, 0.0, 0.0, 0.0, 0.03, 0.02)).climb_start == "block_4"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-0.05, 0.05, allow_nan=False), min_size=5, max_size=15))
+def test_the_climb_rule_differs_from_the_literal_one_only_where_that_one_starts_at_a_drop(values):
+    names = ["embed", "pe"] + [f"block_{i}" for i in range(1, len(values) - 1)]
+    phases = detect_phases(names, values)
+    after, threshold = names.index(phases.plateau_end), phases.plateau_median + phases.tau
+    literal = literal_climb(values, after, threshold)
+    ours = None if phases.climb_start is None else names.index(phases.climb_start)
+    if ours != literal:
+        assert literal is not None and values[literal] <= values[literal - 1]  # the literal one starts at a drop
+        assert ours is None or ours > literal

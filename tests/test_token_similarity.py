@@ -256,3 +256,16 @@ def test_run_probe_passes_labels_indices_and_runs_every_pass():
 def test_a_model_that_is_not_a_vit_is_rejected():
     with pytest.raises(TypeError, match="not a timm VisionTransformer"):
         update_metrics(torch.nn.Linear(3, 3), probe_images(1), [TokenSimilarity()])
+
+
+def test_pe_scale_scales_the_patch_rows_only_unless_asked_for_all():
+    from diagnostics.capture import scaled_position_embedding
+
+    model = tiny_vit()
+    original = model.pos_embed.detach().clone()
+    with scaled_position_embedding(model, 0.5):
+        torch.testing.assert_close(model.pos_embed[:, :1], original[:, :1])  # CLS row as trained
+        torch.testing.assert_close(model.pos_embed[:, 1:], 0.5 * original[:, 1:])
+    with scaled_position_embedding(model, 0.0, rows="all"):
+        assert model.pos_embed.abs().max() == 0
+    torch.testing.assert_close(model.pos_embed, original)  # restored

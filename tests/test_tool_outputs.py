@@ -63,10 +63,10 @@ def test_check_output_compares_resolved_paths_and_hard_links(tmp_path):
 
 @pytest.fixture
 def recipe_copies(tmp_path, monkeypatch):
-    """recipes/vit_b.yaml and recipes/vit_b_grouped_mlp.yaml (whose base is vit_b.yaml) copied to tmp_path, the
+    """recipes/vit_b.yaml, its base and recipes/vit_b_grouped_mlp.yaml (whose base is vit_b.yaml) copied to tmp_path, the
     working directory."""
     (tmp_path / "recipes").mkdir()
-    for name in ("vit_b.yaml", "vit_b_grouped_mlp.yaml"):
+    for name in ("imagenet_deit.yaml", "vit_b.yaml", "vit_b_grouped_mlp.yaml"):
         shutil.copy(ROOT / "recipes" / name, tmp_path / "recipes" / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path / "recipes"

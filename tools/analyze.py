@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="recipe overrides, e.g. diagnostics.probe_size=450")
     p.add_argument("--data", metavar="digits|synthetic|DIR", help="probe data: embedded digits, synthetic, or "
                    "an image folder root holding the eval split (data.eval_split, default val/)")
-    p.add_argument("--pe-scale", type=float, metavar="ALPHA", help="evaluate with e_i + ALPHA * p_i")
+    p.add_argument("--pe-scale", type=float, metavar="ALPHA", help="evaluate with e_i + ALPHA * p_i (patch rows; "
+                   "--set eval.pe_scale_rows=all scales the CLS row too)")
     p.add_argument("--output", required=True, metavar="DIR", help="where analysis.json and the PNGs go")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
@@ -208,7 +209,8 @@ def analyse(source: Source, pe_scale: float | None) -> dict[str, Any]:
         raise DiagnosticsSetupError(f"{source.label}: the model has {num_classes} classes but the probe labels go "
                                     f"up to {top_label}; drop neural_collapse from diagnostics.metrics")
     start = time.perf_counter()
-    scaling = scaled_position_embedding(model, pe_scale) if pe_scale is not None else contextlib.nullcontext()
+    scaling = scaled_position_embedding(model, pe_scale, source.recipe.eval.pe_scale_rows) \
+        if pe_scale is not None else contextlib.nullcontext()
     with scaling:
         results = run_diagnostics(model, probe, cfg, num_classes or source.recipe.model.num_classes,
                                   with_accuracy=num_classes == source.recipe.model.num_classes)

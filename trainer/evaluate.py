@@ -161,7 +161,8 @@ def evaluate_checkpoint(recipe: Recipe, run_dir: str | Path) -> EvalOnlyResult:
     probe = load_probe(build_probe_dataset(recipe, cfg.probe_size, cfg.probe_seed), cfg, rank, n,
                        recipe.data.num_workers)
     step, epoch = _checkpoint_position(weights)
-    scaling = contextlib.nullcontext() if alpha == 1.0 else scaled_position_embedding(model, alpha)
+    scaling = contextlib.nullcontext() if alpha == 1.0 else \
+        scaled_position_embedding(model, alpha, recipe.eval.pe_scale_rows)
     with scaling:
         metrics = evaluate({"": model}, eval_loader, accelerator, recipe.model.num_classes)
         record = probe_record(model, cfg, recipe.model.num_classes, probe, step=step, epoch=epoch, num_processes=n,

@@ -141,7 +141,7 @@ class UpdateStep:
             self.optimizer.step()
             self.scheduler.step_update(updates_done + 1)
             if self.ema is not None:
-                self.ema.update(self.unwrapped)
+                self.ema.update(self.unwrapped, step=updates_done + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateOutcome(loss, stop_flag > 0, grad_norm, skipped)
 
@@ -336,6 +336,7 @@ def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
                     end_of_epoch = state.batch_in_epoch == batches_used
                     if end_of_epoch:
                         state.epoch, state.batch_in_epoch = epoch + 1, 0
+                        run.scheduler.step(state.epoch)  # a per-epoch schedule (schedule.step_on) moves here
                     step_time = time.perf_counter() - step_start
                     state.images_seen += run.geometry.global_batch
                     state.train_time_s += step_time

@@ -7,7 +7,7 @@ schedule and the EMA of the weights.
 - `optim.trainable` glob patterns freeze every other parameter (P3's component finetuning); the
   optimizer only ever sees trainable parameters.
 - `lr` is the value at `optim.lr_reference_batch`; it is scaled linearly with the global batch.
-- The schedule is timm's, stepped once per optimizer update (`t_in_epochs=False`).
+- The schedule is timm's, stepped once per optimizer update or once per epoch (`schedule.step_on`).
 - The EMA averages de-duplicated parameters. timm's ModelEmaV2/V3 walk `state_dict()`, where a
   tensor shared by two modules (a GroupedMLP's MLP) appears under both names, so it is averaged
   twice per step and its effective decay becomes decay**2. Here the pairs come from
@@ -112,18 +112,29 @@ def warmup_updates(schedule_cfg, updates_per_epoch: int) -> int:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg, updates_per_epoch: int) -> Scheduler:
-    """Linear warm-up from `warmup_lr`, then cosine to `min_lr` (or constant), per optimizer update.
+    """Linear warm-up from `warmup_lr`, then cosine to `min_lr` (or constant): timm's schedulers.
 
-    As in DeiT (timm's default `warmup_prefix=False`), the cosine spans all updates and the
-    warm-up replaces its first part.
+    `step_on: update` steps it once per optimizer update (`scheduler.step_update(n)`); `epoch` once per
+    epoch (`scheduler.step(epoch)`), as timm's train.py does without --sched-on-updates (P2's runs), so
+    the LR is constant within an epoch. The loop calls both; each is a no-op in the other mode.
+    `warmup_prefix: false` (DeiT, P2: timm's default): the cosine spans the whole run and the warm-up
+    replaces its start. `true` (P3's released code): the warm-up comes first and the cosine spans the
+    updates after it.
     """
-    total = schedule_cfg.epochs * updates_per_epoch
-    warmup = warmup_updates(schedule_cfg, updates_per_epoch)
+    per_epoch = schedule_cfg.step_on == "epoch"
+    if per_epoch and schedule_cfg.warmup_steps is not None:
+        raise RecipeError(f"schedule.warmup_steps = {schedule_cfg.warmup_steps} counts updates, but schedule.step_on "
+                          "= 'epoch' steps the schedule once per epoch: give schedule.warmup_epochs instead")
+    total = schedule_cfg.epochs if per_epoch else schedule_cfg.epochs * updates_per_epoch
+    warmup = schedule_cfg.warmup_epochs if per_epoch else warmup_updates(schedule_cfg, updates_per_epoch)
+    unit = "epochs" if per_epoch else "updates"
     if warmup >= total:
-        raise RecipeError(f"schedule: warm-up of {warmup} updates is not shorter than the run's {total} updates")
-    common = dict(warmup_t=warmup, warmup_lr_init=schedule_cfg.warmup_lr, t_in_epochs=False)
+        raise RecipeError(f"schedule: warm-up of {warmup} {unit} is not shorter than the run's {total} {unit}")
+    common = dict(warmup_t=warmup, warmup_lr_init=schedule_cfg.warmup_lr, warmup_prefix=schedule_cfg.warmup_prefix,
+                  t_in_epochs=per_epoch)
     if schedule_cfg.kind == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=total, lr_min=schedule_cfg.min_lr, cycle_limit=1, **common)
+        span = total - warmup if schedule_cfg.warmup_prefix else total
+        return CosineLRScheduler(optimizer, t_initial=span, lr_min=schedule_cfg.min_lr, cycle_limit=1, **common)
     return StepLRScheduler(optimizer, decay_t=total + 1, decay_rate=1.0, **common)
 
 
@@ -136,12 +147,18 @@ class ParameterEma:
 
     The averaged copy lives on the model's device in float32 (the master weights' dtype), in eval
     mode and without gradients; evaluate it with `ema.module`.
+
+    `walk="state_dict"` reproduces timm's `ModelEmaV3(decay)` as timm's train.py drives it (P2's
+    reported EMA): it walks `state_dict()`, so a tensor shared by two modules is averaged twice per
+    update (decay**2), and its first update (`step=1`) uses decay 0, copying the weights.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, walk: str = "parameters"):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
+        if walk not in ("parameters", "state_dict"):
+            raise ValueError(f"EMA walk = {walk!r}: expected 'parameters' or 'state_dict'")
+        self.decay, self.walk = decay, walk
         # float32 whatever the model holds: a bf16 average would round away every update smaller
         # than 2^-8 of a weight, i.e. all of them at decay 0.9998 (DeepSpeed keeps bf16 module weights)
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
@@ -157,8 +174,11 @@ class ParameterEma:
         return [ema_named[n] for n in ema_named], [model_named[n] for n in ema_named]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Average `model`'s current weights in (pass the unwrapped model, not DDP)."""
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Average `model`'s current weights in (pass the unwrapped model, not DDP); `step` counts updates from 1."""
+        if self.walk == "state_dict":
+            self._update_like_timm_v3(model, step)
+            return
         ema_params, params = self._pairs(self.module, model, "named_parameters")
         weight = 1.0 - self.decay
         same = [(e, p) for e, p in zip(ema_params, params) if e.dtype == p.dtype and e.device == p.device]
@@ -169,6 +189,15 @@ class ParameterEma:
                 e.lerp_(p.to(device=e.device, dtype=e.dtype), weight)
         for e, b in zip(*self._pairs(self.module, model, "named_buffers")):
             e.copy_(b)
+        self.num_updates += 1
+
+    def _update_like_timm_v3(self, model: nn.Module, step: int | None) -> None:
+        weight = 1.0 if step == 1 else 1.0 - self.decay  # timm: get_decay(step=1) is 0
+        for ema_v, model_v in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_v.lerp_(model_v.to(device=ema_v.device, dtype=ema_v.dtype), weight)
+            else:
+                ema_v.copy_(model_v)
         self.num_updates += 1
 
     def save(self, path: str | Path) -> None:

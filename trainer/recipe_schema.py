@@ -105,6 +105,12 @@ class ScheduleConfig:
     warmup_lr: float = knob(1e-6, min=0, help="learning rate at the start of warm-up")
     min_lr: float = knob(1e-5, min=0, help="learning rate at the end of the cosine")
     kind: Literal["cosine", "constant"] = knob("cosine", help="decay after warm-up")
+    step_on: Literal["update", "epoch"] = knob(
+        "update", help="step the schedule every optimizer update, or once per epoch as timm's train.py does by "
+                       "default (P2: the LR is constant within an epoch)")
+    warmup_prefix: bool = knob(
+        False, help="false: the cosine spans the whole run, the warm-up replaces its start (DeiT, P2, timm's "
+                    "default); true: warm-up first, then the cosine over the remaining steps (P3)")
 
 
 @dataclass
@@ -143,6 +149,10 @@ class TrainConfig:
     grad_checkpointing: bool = knob(False, help="activation checkpointing of the blocks (saves memory)")
     ema_decay: float | None = knob(0.9998, min=0, max=1, min_exclusive=True,
                                    help="EMA of the weights, per optimizer step; null = no EMA")
+    ema_walk: Literal["parameters", "state_dict"] = knob(
+        "parameters", help="parameters: every tensor averaged once per step; state_dict: timm's ModelEmaV3 as P2 "
+                           "ran it (a GroupedMLP tensor shared by 2 blocks is averaged twice, decay**2; the first "
+                           "update copies the weights)")
     max_steps: int | None = knob(None, min=1, help="stop after this many optimizer steps (smoke tests)")
     nonfinite_max_skips: int = knob(0, min=0, help="batches with a non-finite loss skipped before stopping")
     output_dir: str | None = knob(None, help="run directory; null = runs/<recipe name>")
@@ -154,6 +164,9 @@ class EvalConfig:
     every_steps: int | None = knob(None, min=1, help="evaluate every N optimizer steps")
     batch_size: int = knob(256, min=1, help="per-process evaluation batch size")
     ema: bool = knob(True, help="also evaluate the EMA weights")
+    pe_scale_rows: Literal["patches", "all"] = knob(
+        "patches", help="--eval-only: pe_scale multiplies the position embedding of the patch positions only "
+                        "(science.md §1), or also the CLS/prefix rows ('all', depthlab before 2026-12)")
     pe_scale: float = knob(1.0, min=0, help="--eval-only: evaluate with patch_embed + pe_scale * pos_embed "
                                             "(science.md §1 PE-scale experiment); training needs 1.0")
 

@@ -182,7 +182,7 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    ema = ParameterEma(unwrapped, cfg.ema_decay) if cfg.ema_decay is not None else None
+    ema = ParameterEma(unwrapped, cfg.ema_decay, cfg.ema_walk) if cfg.ema_decay is not None else None
 
     total_steps = recipe.schedule.epochs * updates_per_epoch
     state = TrainState(num_processes=accelerator.num_processes)
@@ -190,7 +190,8 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
         state = load_checkpoint(resume_from, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
                                 ema=ema)
         check_position(state, resume_from, updates_per_epoch * cfg.grad_accum_steps, total_steps)
-        scheduler.step_update(state.step)
+        scheduler.step_update(state.step)  # whichever the schedule counts (updates or epochs)
+        scheduler.step(state.epoch)
     else:
         set_seed(cfg.seed + accelerator.process_index)  # the loop's own streams differ per process
     if accelerator.is_main_process:

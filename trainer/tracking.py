@@ -160,8 +160,8 @@ class RunLogger:
                 if skipped:
                     values["train/corrupt_images_skipped"] = skipped
             self.log_scalars(values, step=record.step)
-            jsonl = {k.removeprefix("train/"): (round(v, 6) if isinstance(v, float) else v)
-                     for k, v in values.items()}
+            jsonl = {k.removeprefix("train/"): (float(f"{v:.7g}") if isinstance(v, float) else v)
+                     for k, v in values.items()}  # 7 significant digits: a warm-up LR of 1e-5 keeps its own
             self.append_jsonl(self.run_dir.metrics.name, {"step": state.step, "epoch": state.epoch,
                                                           "kind": "train", **jsonl})
             if self.bar is None and not record.end_of_epoch and not sys.stderr.isatty():
