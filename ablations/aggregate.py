@@ -186,7 +186,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 # --- numbers per run ---------------------------------------------------------------------------
 
-ACCURACY_KEYS = ("top1_final", "top1_best", "best_epoch", "top5_final", "top5_best", "peak_to_final")
+ACCURACY_KEYS = ("top1_final", "top1_best", "best_epoch", "top5_final", "top5_best", "peak_to_final",
+                 "val_top1_best", "top1_at_best_val")
 
 
 def _stage_value(record: dict, section: str, key: str, stage: str) -> float | None:
@@ -273,9 +274,14 @@ def group_values(group: Group, diagnostics_model: str = "raw") -> dict[str, Stat
     return {k: combine([values.get(k) for values in per_run]) for k in keys}
 
 
-def select_best(groups: list[Group], key: str, metric: str = "top1_final",
+def select_best(groups: list[Group], key: str, metric: str | None = None,
                 diagnostics_model: str = "raw") -> list[Group]:
-    """P3's "best LR by validation": among groups equal up to `key`, keep the best mean `metric`."""
+    """P3's "best LR by validation": among groups equal up to `key`, keep the best mean `metric` (default: the
+    validation top-1, `val_top1_best`, where runs held a validation set out; else `top1_final`)."""
+    if metric is None:
+        validated = all(group_values(g, diagnostics_model).get("val_top1_best", Stat(None)).mean is not None
+                        for g in groups)
+        metric = "val_top1_best" if groups and validated else "top1_final"
     best: dict[tuple, tuple[float, Group]] = {}
     order: list[tuple] = []
     for group in groups:

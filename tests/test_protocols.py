@@ -167,3 +167,35 @@ def test_p3s_recipe_and_a_backbone_without_a_head(tmp_path, caplog):
     assert "has no classifier: head.bias, head.weight initialised fresh" in caplog.text
     torch.testing.assert_close(model.head.weight, fresh_head)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_p3s_per_seed_validation_split_picks_the_checkpoint_and_the_reported_test_accuracy(tmp_path,
+                                                                                        fresh_accelerate):
+    from trainer.data import hold_out
+    from trainer.data_sources import load_split
+    from trainer.run_dir import accuracy_summary
+
+    recipe = load_recipe(REPO / "recipes" / "demo_digits.yaml", [*TINY_OVERRIDES, "data.val_fraction=0.25"])
+    raw = load_split(recipe, "train")
+    (train_a, val_a), (train_b, val_b) = hold_out(raw, 0.25, seed=0), hold_out(raw, 0.25, seed=1)
+    assert len(val_a.dataset) == 16 and len(train_a.dataset) == 48
+    assert not set(val_a.dataset.indices) & set(train_a.dataset.indices)
+    assert set(val_a.dataset.indices) != set(val_b.dataset.indices)  # drawn anew per seed
+    assert hold_out(raw, 0.25, seed=0)[1].dataset.indices == val_a.dataset.indices
+
+    # 48 images train: 6 updates per epoch; evaluate (validation and test) every epoch
+    result = train(load_recipe(REPO / "recipes" / "demo_digits.yaml",
+                               [*TINY_OVERRIDES, "data.val_fraction=0.25", "schedule.epochs=3",
+                                "eval.every_epochs=1", "checkpoint.every_epochs=null", "train.ema_decay=null",
+                                "checkpoint.best_on=raw"]), tmp_path / "run")
+    evals = result.state.evals
+    assert len(evals) == 3 and all({"val_top1", "val_top5", "top1", "top5"} <= set(e) for e in evals)
+    best = max(evals, key=lambda e: e["val_top1"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["raw"]
+    assert summary["val_top1_best"] == best["val_top1"] and summary["top1_at_best_val"] == best["top1"]
+    assert (tmp_path / "run" / "checkpoints" / "best").resolve().name == f"step_{best['step']:08d}"
+    # the earliest of equal validation bests, its own test accuracy (not the best test accuracy)
+    picked = accuracy_summary([{"step": 1, "epoch": 1, "val_top1": 50.0, "top1": 40.0},
+                               {"step": 2, "epoch": 2, "val_top1": 50.0, "top1": 45.0},
+                               {"step": 3, "epoch": 3, "val_top1": 40.0, "top1": 60.0}])
+    assert (picked["top1_at_best_val"], picked["best_val_step"], picked["top1_best"]) == (40.0, 1, 60.0)

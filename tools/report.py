@@ -3,7 +3,7 @@
     python tools/report.py runs/sweeps/demo_mlp_reduction                 # any run or sweep dirs
     python tools/report.py runs/sweeps/mlp_reduction --table p2           # P2's architecture/accuracy table
     python tools/report.py runs/sweeps/depth runs/sweeps/scale --table p1 --out reports/p1   # P1
-    python tools/report.py runs/sweeps/finetune_components --best-of optim.lr              # P3
+    python tools/report.py runs/sweeps/finetune_components --best-of optim.lr --table p3   # P3
 
 Runs that differ only in train.seed form one variant: its numbers are mean ± sample std over
 the seeds with the count, e.g. `81.05 ± 0.11 (n=3)`. Diagnostics come from each run's last
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
     p.add_argument("--out", help="output folder (default: <path>/report when one path is given)")
-    p.add_argument("--table", choices=("full", "p1", "p2"), default="full", help="columns of the training table")
+    p.add_argument("--table", choices=("full", "p1", "p2", "p3"), default="full", help="columns of the training table")
     p.add_argument("--best-of", metavar="KEY", help="keep, per variant, the value of KEY with the best mean "
                                                     "top-1 (P3: --best-of optim.lr)")
     p.add_argument("--diagnostics-model", choices=("raw", "ema"), default="raw",

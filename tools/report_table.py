@@ -76,6 +76,7 @@ COLUMNS = {c.key: c for c in [
     _acc("top1_final", "top-1", headline=True), _acc("top1_best", "top-1 best"),
     Column("best_epoch", "best epoch", fmt_epoch), _acc("top5_final", "top-5"), _acc("top5_best", "top-5 best"),
     _acc("peak_to_final", "peak→final"),
+    _acc("val_top1_best", "val top-1 best"), _acc("top1_at_best_val", "top-1 at best val", headline=True),
     _acc("ema_top1_final", "EMA top-1", headline=True), _acc("ema_top1_best", "EMA top-1 best"),
     Column("ema_best_epoch", "EMA best epoch", fmt_epoch), _acc("ema_top5_final", "EMA top-5"),
     _acc("ema_peak_to_final", "EMA peak→final"),
@@ -98,6 +99,8 @@ PRESETS = {
     # P1's comparisons across depth and scale: accuracy next to the phase and hub diagnostics.
     "p1": ["variant", "seeds", "params", "ema_top1_final", "top1_final", "cliff_end", "cliff_size",
            "plateau_length", "climb_start", "isi_last", "isi_max", "cls_centrality_last"],
+    # P3's component finetuning: the test top-1 at the best validation checkpoint, best LR by validation
+    "p3": ["variant", "seeds", "trainable_params", "val_top1_best", "top1_at_best_val", "top1_final"],
     "evaluate": ["variant", "pe_scale", "top1_final", "top5_final", "cliff_size", "cliff_end", "pe_dominance",
                  "isi_max", "cls_centrality_last"],
 }

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment as timm_auto_augment
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
 from trainer.data_sources import CorruptImageError, DataError, RawSplit, load_split
 from trainer.rng import preserved_rng_state
@@ -73,6 +73,7 @@ class CorruptImageCounter:
 class DataBundle:
     train_loader: DataLoader  # (images float32 [B, C, H, W], targets int64 [B]), drop_last
     eval_loader: DataLoader  # (images, targets, valid bool [B]); same batch count on every rank
+    val_loader: DataLoader | None  # like eval_loader, on the data.val_fraction held out of training; or None
     train_sampler: RepeatedAugSampler  # call .set_epoch(epoch, skip_batches) before each epoch
     eval_sampler: ShardedEvalSampler
     mixup_fn: Mixup | None  # apply on device to (images, targets); None when mixup == cutmix == 0
@@ -312,11 +313,28 @@ def build_eval_loader(recipe: Any, num_processes: int = 1, process_index: int = 
                       pin_memory=recipe.data.pin_memory and torch.cuda.is_available())
 
 
+def hold_out(raw: RawSplit, fraction: float, seed: int) -> tuple[RawSplit, RawSplit]:
+    """(training, validation): a seeded random `fraction` of `raw`'s examples for validation (P3's per-seed
+    80/20 split of the downstream training set)."""
+    order = torch.randperm(len(raw.dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = round(fraction * len(order))
+    if not 0 < count < len(order):
+        raise DataError(f"data.val_fraction = {fraction} of the {len(order)} examples of {raw.description} leaves "
+                        "no validation or no training example")
+    validation, training = sorted(order[:count]), sorted(order[count:])
+    return (RawSplit(Subset(raw.dataset, training), raw.class_names, f"{raw.description} (training part)"),
+            RawSplit(Subset(raw.dataset, validation), raw.class_names,
+                     f"{raw.description} (validation part: {fraction:g}, seed {seed})"))
+
+
 def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> DataBundle:
     """Datasets, rank-aware loaders and Mixup for process `process_index` of `num_processes`."""
     d, t = recipe.data, recipe.train
     train_raw, eval_raw = load_split(recipe, "train"), load_split(recipe, "eval")
     _check_classes(recipe, train_raw, eval_raw)
+    val_raw = None
+    if d.val_fraction is not None:
+        train_raw, val_raw = hold_out(train_raw, d.val_fraction, t.seed)
     mixup_fn = build_mixup(recipe)
     if mixup_fn is not None and t.batch_size % 2:
         raise DataError(f"train.batch_size = {t.batch_size} must be even when augment.mixup or augment.cutmix > 0")
@@ -325,6 +343,7 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
     train_transform = None if d.source == "synthetic" else build_train_transform(recipe)
     train_set = TrainSet(train_raw, train_transform, t.seed, d.skip_corrupt, train_counter)
     eval_set = _eval_set(recipe, eval_raw, eval_counter)
+    val_set = None if val_raw is None else _eval_set(recipe, val_raw, eval_counter)
     train_sampler = RepeatedAugSampler(len(train_set), t.batch_size, num_processes, process_index,
                                        repeats=recipe.augment.repeated_aug, seed=t.seed)
     if train_sampler.steps_per_epoch == 0:
@@ -345,6 +364,8 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
     return DataBundle(
         train_loader=loader(train_set, train_sampler, t.batch_size, True),
         eval_loader=loader(eval_set, eval_sampler, recipe.eval.batch_size, False),
+        val_loader=None if val_set is None else loader(
+            val_set, ShardedEvalSampler(len(val_set), num_processes, process_index), recipe.eval.batch_size, False),
         train_sampler=train_sampler, eval_sampler=eval_sampler, mixup_fn=mixup_fn,
         num_classes=recipe.model.num_classes, class_names=train_raw.class_names,
         num_train_examples=len(train_set), num_eval_examples=len(eval_set),

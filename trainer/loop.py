@@ -249,11 +249,13 @@ def save(run: Run, tags: list[str], diagnostics: TrainingDiagnostics | None, bes
 
 
 def _improves_best(run: Run, metrics: dict[str, float]) -> bool:
-    """Whether this evaluation is the best so far (by `checkpoint.best_on`); records it in the state."""
+    """Whether this evaluation is the best so far (by `checkpoint.best_on`, on the validation set when
+    data.val_fraction holds one out); records it in the state."""
     cfg = run.recipe.checkpoint
     if not cfg.save_best:
         return False
-    value = metrics["top1_ema" if cfg.best_on == "ema" and "top1_ema" in metrics else "top1"]
+    prefix = "val_" if "val_top1" in metrics else ""
+    value = metrics[f"{prefix}top1_ema" if cfg.best_on == "ema" and f"{prefix}top1_ema" in metrics else f"{prefix}top1"]
     if run.state.best_top1 is not None and value <= run.state.best_top1:
         return False
     run.state.best_top1 = value
@@ -353,6 +355,9 @@ def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
                     if _due(state.step, end_of_epoch, state.epoch, recipe.eval.every_steps, recipe.eval.every_epochs,
                             last_epoch):
                         metrics = evaluate(run.eval_models(), data.eval_loader, accelerator, data.num_classes)
+                        if data.val_loader is not None:  # data.val_fraction: the held-out part picks the best
+                            validation = evaluate(run.eval_models(), data.val_loader, accelerator, data.num_classes)
+                            metrics = {**{f"val_{key}": value for key, value in validation.items()}, **metrics}
                         state.evals.append({"step": state.step, "epoch": round(state.step / run.updates_per_epoch, 4),
                                             **metrics})
                         improved = _improves_best(run, metrics)

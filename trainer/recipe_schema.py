@@ -75,6 +75,10 @@ class DataConfig:
     num_workers: int = knob(8, min=0, help="data-loader worker processes per training process")
     pin_memory: bool = knob(True, help="pin host memory for faster host-to-device copies")
     skip_corrupt: bool = knob(False, help="skip (and count) unreadable images instead of stopping")
+    val_fraction: float | None = knob(
+        None, min=0, max=1, min_exclusive=True,
+        help="hold out this fraction of the training split, drawn anew for each train.seed, as a validation set "
+             "that picks the best checkpoint; the eval split is then the test set (P3: 0.2); null = none")
     split_seed: int = knob(0, help="digits: seed of the fixed train/test split")
     digits_test_fraction: float = knob(0.25, min=0, max=1, min_exclusive=True, help="digits: held-out fraction")
     synthetic_train_size: int = knob(1024, min=1, help="synthetic: training examples")

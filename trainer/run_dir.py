@@ -321,7 +321,9 @@ def resolve_weights_file(checkpoint: str | Path) -> Path:
 def accuracy_summary(evals: list[dict], suffix: str = "") -> dict[str, Any] | None:
     """Final/best/peak_to_final of top1 and top5 over the evaluations (keys `top1{suffix}`, `top5{suffix}`).
 
-    peak_to_final = best - final is P2's stability measure (P2 quotes the EMA model's).
+    peak_to_final = best - final is P2's stability measure (P2 quotes the EMA model's). With a validation
+    set (data.val_fraction), also val_top1_best and top1_at_best_val: the test top-1 of the evaluation
+    that is best on validation, the number P3 reports.
     """
     out: dict[str, Any] = {}
     for metric in ("top1", "top5"):
@@ -337,6 +339,11 @@ def accuracy_summary(evals: list[dict], suffix: str = "") -> dict[str, Any] | No
         out[f"{prefix}best_epoch"] = best["epoch"]
         out[f"{prefix}best_step"] = best["step"]
         out[f"{prefix}peak_to_final"] = round(best[key] - final, 6)
+    validated = [e for e in evals if e.get(f"val_top1{suffix}") is not None and e.get(f"top1{suffix}") is not None]
+    if validated:  # data.val_fraction: the test top-1 of the evaluation that is best on validation (P3's report)
+        chosen = max(validated, key=lambda e: e[f"val_top1{suffix}"])  # earliest of equal bests
+        out.update({"val_top1_best": chosen[f"val_top1{suffix}"], "top1_at_best_val": chosen[f"top1{suffix}"],
+                    "best_val_epoch": chosen["epoch"], "best_val_step": chosen["step"]})
     return out or None
 
 
