@@ -32,11 +32,11 @@ OVERRIDES = [*TINY_OVERRIDES, "variant.kind=grouped_mlp", "train.ema_decay=0.9",
              "checkpoint.every_steps=3"]  # 64 images / (2 x 8) = 4 updates per epoch, 8 in all
 
 
-def launch(tmp_path, run, strategy, *extra, resume=""):
+def launch(tmp_path, run, strategy, *extra, resume="", accelerate_args=("--multi_gpu",)):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     overrides = [*OVERRIDES, f"distributed.strategy={strategy}", *extra]
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    proc = subprocess.run([ACCELERATE, "launch", *accelerate_args, "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(DEMO_RECIPE),
                            str(run), json.dumps(overrides), resume],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
@@ -63,12 +63,23 @@ def test_zero2_trains_like_ddp_ranks_agree_resume_is_exact_and_bf16_saves_fp32(t
     for (name, a), b in zip(zero2_model.state_dict().items(), ddp_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=5e-3, rtol=0, msg=name)
 
-    # Stopped after update 3 (a checkpoint), resumed from DeepSpeed's sharded state: identical run.
-    resumed = tmp_path / "resumed"
-    launch(tmp_path, resumed, "deepspeed", "distributed.zero_stage=2", "train.max_steps=3")
-    ranks_resumed, losses = launch(tmp_path, resumed, "deepspeed", "distributed.zero_stage=2", resume="auto")
+    # Stopped after update 3 (a checkpoint), resumed from DeepSpeed's sharded state: identical run, also when
+    # compiled (DeepSpeed's engine.compile, through accelerate; the eager backend keeps the numerics)
+    resumed, compiled = tmp_path / "resumed", ["train.compile=true", "train.compile_backend=eager"]
+    launch(tmp_path, resumed, "deepspeed", "distributed.zero_stage=2", *compiled, "train.max_steps=3")
+    ranks_resumed, losses = launch(tmp_path, resumed, "deepspeed", "distributed.zero_stage=2", *compiled,
+                                   resume="auto")
     assert all(losses[s] == pytest.approx(zero2[s], abs=1e-6) for s in zero2)
     assert ranks_resumed[0]["weights"] == ranks[0]["weights"] and ranks_resumed[0]["ema"] == ranks[0]["ema"]
+    for name in ("model", "ema"):  # no `_orig_mod.` in the names: they load like any other checkpoint
+        load_model_file(resumed / "checkpoints" / "last" / f"{name}.safetensors")
+
+    # `distributed.strategy: auto` under `accelerate launch --use_deepspeed`: the launcher's DeepSpeed, with the
+    # recipe's micro-batch (a DeepSpeed config leaves it "auto", and the trainer prepares no dataloader)
+    ranks_auto, auto = launch(tmp_path, tmp_path / "auto", "auto", "train.max_steps=2",
+                              accelerate_args=["--use_deepspeed", "--zero_stage", "2"])
+    assert [r["backend"] for r in ranks_auto] == ["DEEPSPEED", "DEEPSPEED"]
+    assert auto[1] == pytest.approx(zero2[1], abs=1e-6) and auto[2] == pytest.approx(zero2[2], abs=1e-5)
 
     # bf16: DeepSpeed holds bf16 module weights (inputs are cast to them) over float32 masters; the
     # checkpoint stores the masters and the EMA averages in float32 (bf16 would round its updates away).

@@ -39,7 +39,10 @@ def test_two_process_ddp_grouped_mlp_ranks_identical_one_writer_and_preemption(t
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
     run = tmp_path / "run"
+    # compiled (the eager backend: the graph and the wrappers, without code generation) after the DDP wrapper:
+    # the checkpoints' names have no `_orig_mod.` and load everywhere
     overrides = [*TINY_OVERRIDES, "data.source=digits", "variant.kind=grouped_mlp", "model.drop_path_rate=0.1",
+                 "train.compile=true", "train.compile_backend=eager",
                  "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=4", "train.ema_decay=0.9"]
     proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(DEMO_RECIPE),

@@ -47,8 +47,12 @@ PRESETS = {
     "vit_b": (REPO / "recipes" / "vit_b.yaml", ["train.precision=bf16", "train.batch_size=256"]),
 }
 # Dense bf16 tensor-core peak (TFLOP/s) by device-name fragment; first match wins.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2, "V100": 125.0}
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, by the model in the device name and, for H100,
+# its form factor. Matched as whole words: "L40" is not "L4", "A10G" is not "A10". A device not listed
+# here (A10G, whose bf16 peak NVIDIA does not publish; V100, which has no bf16) needs --peak-tflops.
+PEAK_BF16_TFLOPS = {("H100", "PCIe"): 756.0, ("H100", "NVL"): 835.0, ("H100", ""): 989.0, ("H200", ""): 989.0,
+                    ("GH200", ""): 989.0, ("B200", ""): 2250.0, ("A100", ""): 312.0, ("L40S", ""): 362.0,
+                    ("L40", ""): 181.0, ("L4", ""): 121.0, ("A10", ""): 125.0, ("4090", ""): 165.2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,8 +118,15 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
         return given
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The table's entry for a CUDA device name such as "NVIDIA H100 80GB HBM3" (None when not listed)."""
+    words = device_name.replace("-", " ").split()
+    model = next((w for w in words if any(w == m for m, _ in PEAK_BF16_TFLOPS)), None)
+    form = next((w for w in words if (model, w) in PEAK_BF16_TFLOPS), "")
+    return PEAK_BF16_TFLOPS.get((model, form)) if model else None
 
 
 @exit_on_user_error

@@ -48,6 +48,18 @@ def _deepspeed_plugin(recipe: Recipe) -> DeepSpeedPlugin:
     return plugin
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+def fsdp_mixed_precision(recipe: Recipe) -> dict[str, torch.dtype]:
+    """FSDP's dtypes, stated rather than left to accelerate, whose default reduces gradients in the
+    compute dtype (bf16) where DDP all-reduces float32: parameters and buffers computed in
+    train.precision, gradients reduced in distributed.fsdp_reduce_dtype (float32 by default, as DDP)."""
+    compute = PRECISION_DTYPES[recipe.train.precision]
+    reduce = torch.float32 if recipe.distributed.fsdp_reduce_dtype == "fp32" else compute
+    return {"param_dtype": compute, "reduce_dtype": reduce, "buffer_dtype": compute}
+
+
 def _fsdp_plugin(recipe: Recipe) -> FullyShardedDataParallelPlugin:
     return FullyShardedDataParallelPlugin(
         sharding_strategy=recipe.distributed.fsdp_sharding.upper(),
@@ -55,7 +67,16 @@ def _fsdp_plugin(recipe: Recipe) -> FullyShardedDataParallelPlugin:
         transformer_cls_names_to_wrap=["Block"],  # timm's ViT block: one FSDP unit per block
         state_dict_type="SHARDED_STATE_DICT",
         use_orig_params=True,  # per-parameter weight-decay groups and the trainable mask need it
+        mixed_precision_policy=fsdp_mixed_precision(recipe),
+        backward_prefetch="BACKWARD_PRE",  # torch's default (accelerate's is none): the next unit's gather overlaps
     )
+
+
+def describe_fsdp(recipe: Recipe) -> str:
+    policy = fsdp_mixed_precision(recipe)
+    names = {k: str(v).removeprefix("torch.") for k, v in policy.items()}
+    return (f"FSDP: {recipe.distributed.fsdp_sharding}, one unit per Block, parameters in {names['param_dtype']}, "
+            f"gradients reduced in {names['reduce_dtype']}, backward prefetch BACKWARD_PRE")
 
 
 def _cpu_processes_only() -> bool:
@@ -67,16 +88,48 @@ def _cpu_processes_only() -> bool:
     return "LOCAL_RANK" in os.environ and not gpus
 
 
+def launched_backend() -> str | None:
+    """What `accelerate launch` (its flags or accelerate config) asked for: "deepspeed", "fsdp" or None."""
+    for backend, variable in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP")):
+        if os.environ.get(variable, "false").lower() == "true":
+            return backend
+    return None
+
+
+def effective_strategy(recipe: Recipe) -> str:
+    """The recipe's distributed.strategy, or with `auto` the launcher's; a contradiction is refused."""
+    strategy, launched = recipe.distributed.strategy, launched_backend()
+    if strategy == "auto":
+        return launched or "auto"
+    if launched is not None and launched != strategy:
+        flag = "--use_deepspeed" if launched == "deepspeed" else "--use_fsdp"
+        raise DistributedSetupError(
+            f"distributed.strategy = {strategy!r}, but the launch asks for {launched} ({flag} or its accelerate "
+            f"config): set distributed.strategy=auto (or {launched}) to train under it, or launch without it")
+    return strategy
+
+
+def _fill_deepspeed_config(recipe: Recipe, accelerator: Accelerator) -> None:
+    """The batch geometry a DeepSpeed config left to accelerate ("auto"): accelerate reads it from a prepared
+    dataloader, and the trainer prepares none (its samplers shard the data themselves)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", recipe.train.batch_size),
+                       ("gradient_accumulation_steps", recipe.train.grad_accum_steps),
+                       ("gradient_clipping", recipe.optim.clip_grad_norm or 0.0)):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+
+
 def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
-    strategy = recipe.distributed.strategy
+    strategy = effective_strategy(recipe)
     plugins: dict = {}
-    if strategy == "deepspeed":
+    if strategy == "deepspeed" and recipe.distributed.strategy == "deepspeed":
         if "LOCAL_RANK" not in os.environ:  # DeepSpeed joins the launcher's process group; it makes none
             raise DistributedSetupError(
                 "distributed.strategy = 'deepspeed' needs a distributed launcher: `accelerate launch "
                 "--use_deepspeed --num_processes N trainer/train.py …` (N = 1 too) or `--multi_gpu`")
         plugins["deepspeed_plugin"] = _deepspeed_plugin(recipe)
-    elif strategy == "fsdp":
+    elif strategy == "fsdp" and recipe.distributed.strategy == "fsdp":
         plugins["fsdp_plugin"] = _fsdp_plugin(recipe)
     tensorboard = recipe.logging.tensorboard
     handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=recipe.distributed.find_unused_parameters)]
@@ -89,12 +142,17 @@ def build_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=recipe.train.precision,
+        dynamo_backend=recipe.train.compile_backend if recipe.train.compile else "no",  # the recipe decides
         gradient_accumulation_steps=recipe.train.grad_accum_steps,
         log_with="tensorboard" if tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(RunDir(run_dir).tensorboard)),
         kwargs_handlers=handlers,
         **plugins,
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _fill_deepspeed_config(recipe, accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP and "fsdp_plugin" in plugins:
+        accelerator.print(describe_fsdp(recipe))
     check_backend(recipe, accelerator)
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launched and launched != recipe.train.precision:

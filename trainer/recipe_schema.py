@@ -149,7 +149,13 @@ class TrainConfig:
     batch_size: int = knob(128, min=1, help="per-process batch size")
     grad_accum_steps: int = knob(1, min=1, help="micro-batches per optimizer step")
     precision: Literal["bf16", "fp16", "no"] = knob("bf16", help="mixed precision through accelerate")
-    compile: bool = knob(False, help="torch.compile the model")
+    compile: bool = knob(False, help="torch.compile the model (through accelerate, after the DDP/DeepSpeed wrapper)")
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = knob(
+        "inductor", help="torch.compile backend: inductor (fast kernels); aot_eager / eager trace without "
+                         "generating code, to debug a graph")
+    tf32: bool = knob(False, help="let float32 matmuls and convolutions on Ampere+ GPUs use TF32 (faster, 10-bit "
+                                  "mantissa): precision 'no' training and the diagnostics' fp32 probe; false = exact "
+                                  "fp32")
     grad_checkpointing: bool = knob(False, help="activation checkpointing of the blocks (saves memory)")
     ema_decay: float | None = knob(0.9998, min=0, max=1, min_exclusive=True,
                                    help="EMA of the weights, per optimizer step; null = no EMA")
@@ -243,6 +249,8 @@ class DistributedConfig:
     zero_stage: int = knob(2, min=0, max=3, help="deepspeed: ZeRO stage")
     fsdp_sharding: Literal["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"] = knob(
         "full_shard", help="fsdp: sharding strategy")
+    fsdp_reduce_dtype: Literal["fp32", "param"] = knob(
+        "fp32", help="fsdp: reduce gradients in float32 (as DDP does), or in the compute dtype of train.precision")
     find_unused_parameters: bool = knob(False, help="ddp: needed when some parameters get no gradient")
 
 

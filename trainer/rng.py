@@ -9,6 +9,7 @@ for its augmentation and gives the caller's streams back), and the training-time
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,8 @@ def capture_rng_state(cuda: bool = True) -> dict:
         "torch": torch.get_rng_state(),
     }
     if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own device only: a resume may see other devices, or map ranks to them differently
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -36,7 +38,15 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved, device = state["cuda"], torch.cuda.current_device()
+        if isinstance(saved, list | tuple):  # checkpoints before 2026-12 saved every visible device's stream
+            if device >= len(saved):
+                warnings.warn(f"the checkpoint holds CUDA RNG streams of {len(saved)} devices and this process "
+                              f"uses device {device}: its CUDA stream starts afresh (GPU dropout draws differ)",
+                              stacklevel=2)
+                return
+            saved = saved[device]
+        torch.cuda.set_rng_state(saved, device)
 
 
 def _as_tuple(value: Any) -> Any:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 
 from models import create_vit_from_recipe
 from models.errors import UserError
 from models.weights import load_initial_weights
-from trainer.accelerator import build_accelerator
+from trainer.accelerator import DistributedSetupError, build_accelerator
 from trainer.callbacks import Callback, CallbackList
 from trainer.checkpoint import TRAINER_STATE, CheckpointError, TrainState, remove_incomplete
 from trainer.data import DataBundle, build_data
@@ -136,6 +137,30 @@ def on_main_for_all(accelerator: Accelerator, compute: Callable[[], Any]) -> Any
     return outcome[0]
 
 
+def check_shared_run_dir(accelerator: Accelerator, run: RunDir) -> None:
+    """Every process must see the run dir process 0 writes: a token written there by process 0 is read back by
+    all of them. Otherwise (a node-local disk) the other nodes' checkpoint shards, or their resume, would
+    silently differ from process 0's."""
+    if accelerator.num_processes == 1:
+        return
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    probe = run.root / f".depthlab-shared-{token[0]}"
+    if accelerator.is_main_process:
+        run.root.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    accelerator.wait_for_everyone()
+    seen = probe.is_file() and probe.read_text() == token[0]
+    blind = [rank for rank, ok in enumerate(gather_object([seen])) if not ok]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink()
+    if blind:
+        raise DistributedSetupError(
+            f"run dir {run.root}: process{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} cannot see "
+            "what process 0 writes there (a disk local to its node?); put --output on a filesystem every node mounts")
+
+
 def check_position(state: TrainState, checkpoint: Path, batches_per_epoch: int, total_steps: int) -> None:
     """The loop position a checkpoint holds must exist in this recipe's data (a damaged or foreign state)."""
     where = checkpoint / TRAINER_STATE
@@ -155,6 +180,8 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     """Build (or restore, with `resume` = "auto" or a checkpoint path) the run `recipe` describes."""
     paths = RunDir(Path(run_dir))
     accelerator = build_accelerator(recipe, paths.root)
+    check_shared_run_dir(accelerator, paths)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.train.tf32
 
     def skipped(path: Path, why: str) -> None:
         accelerator.print(f"warning: skipping checkpoint {path}: {why}")
@@ -178,8 +205,8 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     lr = scaled_lr(recipe.optim.lr, geometry.global_batch, recipe.optim.lr_reference_batch)
     optimizer = build_optimizer(model, recipe.optim, lr)
     scheduler = build_scheduler(optimizer, recipe.schedule, updates_per_epoch)
-    if cfg.compile:
-        model = torch.compile(model)
+    # train.compile: accelerate compiles inside prepare, after the DDP wrapper (so DDP can overlap its
+    # all-reduce with backward, and unwrapping strips the compiled wrapper) or via DeepSpeed's engine.compile
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = ParameterEma(unwrapped, cfg.ema_decay, cfg.ema_walk) if cfg.ema_decay is not None else None

@@ -34,9 +34,12 @@ from trainer.run_dir import RunDir, append_jsonl, model_cost, training_summary, 
 
 
 def peak_memory_gib() -> dict[str, float]:
+    """Peak host RSS (of the whole process) and peak GPU memory since the last call: the GPU peak is reset
+    each time, so a logged value is the training steps' own, not an earlier diagnostics probe's."""
     out = {"train/peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["train/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     return out
 
 
