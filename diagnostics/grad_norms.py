@@ -13,18 +13,21 @@ A component whose parameters have no gradient (frozen, as in P3's component fine
 
 Call it where the full, unscaled gradients exist: after `accelerator.backward`, and with fp16
 loss scaling after `accelerator.clip_grad_norm_` / `unscale_gradients` (else the norms carry the
-loss scale). Under DDP gradients are already averaged over ranks; under FSDP or DeepSpeed ZeRO-2/3
-each rank holds a gradient shard, so these norms are per-shard (not supported).
+loss scale). Under DDP gradients are already averaged over ranks; under FSDP each rank holds a shard
+(`sharded=True` sums the shards' squares); under DeepSpeed the engine holds them between its backward
+and its step (`grad_of=deepspeed.utils.safe_get_full_grad`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from diagnostics.capture import block_stage, unwrap_model
+from diagnostics.distributed import all_reduce_sum
 from diagnostics.registry import COMPONENTS
 
 GRAD_COMPONENTS = COMPONENTS
@@ -49,8 +52,16 @@ def mlp_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def component_grad_norms(model: nn.Module) -> dict[str, Any]:
-    """`{"LN1": {"block_1": norm, ...}, ..., "mlp_groups": {...}}` of the current gradients."""
+def component_grad_norms(model: nn.Module, grad_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None,
+                         sharded: bool = False) -> dict[str, Any]:
+    """`{"LN1": {"block_1": norm, ...}, ..., "mlp_groups": {...}}` of the current gradients.
+
+    `grad_of(param)` reads a parameter's gradient (default `param.grad`; DeepSpeed ZeRO keeps gradients in
+    its engine: pass `deepspeed.utils.safe_get_full_grad`, a collective). `sharded=True`: each process holds
+    a shard of every gradient (FSDP with use_orig_params), so the squared norms are summed over the
+    processes (a collective) before the square root; a process without a shard of a parameter adds 0.
+    """
+    grad_of = grad_of or (lambda param: param.grad)
     entries: list[tuple[str, str, list[torch.Tensor] | None]] = []
     seen: set[int] = set()
     for index, block in enumerate(unwrap_model(model).blocks):
@@ -59,13 +70,18 @@ def component_grad_norms(model: nn.Module) -> dict[str, Any]:
             if not params:
                 continue  # shared with an earlier block: already reported there
             seen.update(id(p) for p in params)
-            grads = [p.grad for p in params if p.grad is not None]
-            entries.append((component, block_stage(index), grads or None))
-    present = [torch.stack(torch._foreach_norm([g.float() for g in grads]))
-               for _, _, grads in entries if grads]
-    norms = iter(torch.stack([part.square().sum() for part in present]).sqrt().tolist() if present else [])
+            grads = [g for g in (grad_of(p) for p in params if p.requires_grad) if g is not None]
+            frozen = not any(p.requires_grad for p in params)
+            entries.append((component, block_stage(index), None if frozen or not (grads or sharded) else grads))
+    device = next(unwrap_model(model).parameters()).device
+    squares = torch.stack([torch.stack([g.float().square().sum() for g in grads]).sum().to(device) if grads
+                           else torch.zeros((), device=device) for _, _, grads in entries if grads is not None]
+                          or [torch.zeros((), device=device)])
+    if sharded:
+        all_reduce_sum(squares)
+    norms = iter(squares.sqrt().tolist())
     result: dict[str, Any] = {component: {} for component in GRAD_COMPONENTS}
     for component, stage, grads in entries:
-        result[component][stage] = next(norms) if grads else None
+        result[component][stage] = next(norms) if grads is not None else None
     result["mlp_groups"] = mlp_groups(model)
     return result

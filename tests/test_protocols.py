@@ -177,7 +177,7 @@ def test_p3s_per_seed_validation_split_picks_the_checkpoint_and_the_reported_tes
 
     recipe = load_recipe(REPO / "recipes" / "demo_digits.yaml", [*TINY_OVERRIDES, "data.val_fraction=0.25"])
     raw = load_split(recipe, "train")
-    (train_a, val_a), (train_b, val_b) = hold_out(raw, 0.25, seed=0), hold_out(raw, 0.25, seed=1)
+    (train_a, val_a), (_, val_b) = hold_out(raw, 0.25, seed=0), hold_out(raw, 0.25, seed=1)
     assert len(val_a.dataset) == 16 and len(train_a.dataset) == 48
     assert not set(val_a.dataset.indices) & set(train_a.dataset.indices)
     assert set(val_a.dataset.indices) != set(val_b.dataset.indices)  # drawn anew per seed

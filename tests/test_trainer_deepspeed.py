@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diagnostics.records import read_diagnostics
 from models import load_model_file
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 
@@ -30,6 +31,10 @@ train(load_recipe(recipe, overrides), Path(run_dir), resume=resume, callbacks=[R
 
 OVERRIDES = [*TINY_OVERRIDES, "variant.kind=grouped_mlp", "train.ema_decay=0.9", "model.drop_path_rate=0.1",
              "checkpoint.every_steps=3"]  # 64 images / (2 x 8) = 4 updates per epoch, 8 in all
+# per-component gradient norms every update, and a token-similarity probe every 2 (whose records carry them)
+GRAD_NORMS = ["diagnostics.enabled=true", "diagnostics.metrics=[token_similarity,grad_norms]",
+              "diagnostics.every_steps=2", "diagnostics.at_checkpoints=false", "diagnostics.grad_norm_every_steps=1",
+              "diagnostics.probe_size=16", "diagnostics.tensorboard_images=never"]
 
 
 def launch(tmp_path, run, strategy, *extra, resume="", accelerate_args=("--multi_gpu",)):
@@ -46,15 +51,24 @@ def launch(tmp_path, run, strategy, *extra, resume="", accelerate_args=("--multi
     return ranks, {r["step"]: r["loss"] for r in losses if r["kind"] == "train"}
 
 
+def grad_norms_at(run, step):
+    record = next(r for r in read_diagnostics(run) if r["step"] == step)
+    return {c: [v for v in values if v is not None] for c, values in record["grad_norms"].items()}
+
+
 def test_zero2_trains_like_ddp_ranks_agree_resume_is_exact_and_bf16_saves_fp32(tmp_path):
-    ranks, zero2 = launch(tmp_path, tmp_path / "zero2", "deepspeed", "distributed.zero_stage=2")
+    ranks, zero2 = launch(tmp_path, tmp_path / "zero2", "deepspeed", "distributed.zero_stage=2", *GRAD_NORMS)
     assert [r["backend"] for r in ranks] == ["DEEPSPEED", "DEEPSPEED"] and ranks[0]["world"] == 2
     assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["ema"] == ranks[1]["ema"]
     assert all(r["tied"] for r in ranks)  # GroupedMLP's shared MLP stays one module under ZeRO-2
 
     # The same update as DDP: equal losses while the weights agree, then only floating-point drift
     # (Adam divides by |grad| + eps, so gradients near zero amplify reduction-order rounding).
-    _, ddp = launch(tmp_path, tmp_path / "ddp", "ddp")
+    _, ddp = launch(tmp_path, tmp_path / "ddp", "ddp", *GRAD_NORMS)
+    # per-component gradient norms read from DeepSpeed's engine (between its backward and its step) equal
+    # DDP's, where the weights still agree (step 2: after one identical update)
+    for component, values in grad_norms_at(tmp_path / "ddp", 2).items():
+        assert values and grad_norms_at(tmp_path / "zero2", 2)[component] == pytest.approx(values, rel=1e-4), component
     assert sorted(zero2) == sorted(ddp) == list(range(1, 9))
     assert zero2[1] == pytest.approx(ddp[1], abs=1e-6) and zero2[2] == pytest.approx(ddp[2], abs=1e-5)
     assert all(zero2[s] == pytest.approx(ddp[s], abs=2e-2) for s in zero2)

@@ -34,6 +34,7 @@ from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
@@ -101,9 +102,14 @@ class UpdateStep:
         self.input_dtype = parameter_dtype(self.unwrapped)
         self.window_loss = torch.zeros((), device=self.device)
         self.micro_batches = 0
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def micro_batch(self, images: torch.Tensor, targets: torch.Tensor) -> bool:
-        """Forward and backward of one micro-batch; True when it completes an update (then call `finish`)."""
+    def micro_batch(self, images: torch.Tensor, targets: torch.Tensor,
+                    before_optimizer_step: Callable[[], None] | None = None) -> bool:
+        """Forward and backward of one micro-batch; True when it completes an update (then call `finish`).
+
+        Under DeepSpeed the engine applies the update inside backward, so `before_optimizer_step` runs here,
+        on the engine's gradients between its backward and its step (elsewhere `finish` runs it)."""
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.mixup_fn is not None:
@@ -113,7 +119,14 @@ class UpdateStep:
                 # float32 loss also where the weights themselves are half precision (DeepSpeed bf16/fp16,
                 # which takes inputs in the weights' dtype and does not autocast)
                 loss = self.criterion(self.model(images.to(self.input_dtype)).float(), targets)
-            self.accelerator.backward(loss)
+            if self.deepspeed and before_optimizer_step is not None and self.accelerator.sync_gradients:
+                engine = self.accelerator.deepspeed_engine_wrapped.engine  # accelerate's backward, opened up
+                engine.set_gradient_accumulation_boundary(is_boundary=True)
+                engine.backward(loss)
+                before_optimizer_step()
+                engine.step()
+            else:
+                self.accelerator.backward(loss)
         self.window_loss += loss.detach().float()
         self.micro_batches += 1
         return self.accelerator.sync_gradients
@@ -136,7 +149,7 @@ class UpdateStep:
         elif skipped is None and before_optimizer_step is not None:
             self.accelerator.unscale_gradients()  # fp16: what optimizer.step() would do first; else a no-op
         if skipped is None:
-            if before_optimizer_step is not None:
+            if before_optimizer_step is not None and not self.deepspeed:  # (DeepSpeed: in micro_batch)
                 before_optimizer_step()
             self.optimizer.step()
             self.scheduler.step_update(updates_done + 1)
@@ -322,7 +335,7 @@ def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
                     wait_start = time.perf_counter()
                     images, targets = next(batches)
                     data_wait += time.perf_counter() - wait_start
-                    if not updater.micro_batch(images, targets):
+                    if not updater.micro_batch(images, targets, before_optimizer_step):
                         continue
 
                     # --- the update: clip, step, schedule, EMA ---
