@@ -80,3 +80,17 @@ def test_ema_of_half_precision_weights_averages_in_float32():
     expected = start + 2e-4 * (model.weight.float() - start)  # lerp, by hand
     torch.testing.assert_close(ema.module.weight, expected, rtol=0, atol=1e-7)
     assert (ema.module.weight != start).all()
+
+
+def test_the_ema_averages_float32_masters_when_the_module_holds_rounded_copies():
+    model = create_vit("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                       num_classes=3)
+    masters = {id(p): p.detach().clone() + 1e-3 for p in model.parameters()}  # what the optimizer holds
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    for p, q in zip(model.parameters(), half.parameters()):
+        masters[id(q)] = masters.pop(id(p))
+    ema = ParameterEma(half, 0.5)
+    start = {n: t.clone() for n, t in ema.module.state_dict().items()}
+    ema.update(half, master=lambda p: masters[id(p)])
+    for (name, p), e in zip(half.named_parameters(), ema.module.parameters()):
+        torch.testing.assert_close(e, 0.5 * start[name] + 0.5 * masters[id(p)], rtol=0, atol=1e-7, msg=name)

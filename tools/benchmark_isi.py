@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (random init)")
     p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--depth", type=int, help="override the model's number of blocks (a quick check)")
     p.add_argument("--images", type=int, default=1024, help="probe images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pca-rank", type=int, default=256)
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = create_vit(args.model, pretrained=False, img_size=args.img_size).to(device).eval()
+    sizes = {"depth": args.depth} if args.depth else {}
+    model = create_vit(args.model, pretrained=False, img_size=args.img_size, **sizes).to(device).eval()
     images = torch.randn(args.images, 3, args.img_size, args.img_size)
     batches = [(chunk, None, torch.arange(start, start + len(chunk)))
                for start, chunk in zip(range(0, args.images, args.batch_size), images.split(args.batch_size))]

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     plain_model = build_model(recipe)
     plain_model.load_state_dict(model.state_dict())
     if recipe.train.compile:
-        plain_model = torch.compile(plain_model)
+        plain_model = torch.compile(plain_model, backend=recipe.train.compile_backend)
     plain = PlainLoop(recipe, plain_model, device, recipe.optim.lr, updates_per_epoch)
 
     model.to(device)

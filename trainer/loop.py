@@ -103,6 +103,13 @@ class UpdateStep:
         self.window_loss = torch.zeros((), device=self.device)
         self.micro_batches = 0
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        # DeepSpeed bf16/fp16: the EMA averages the float32 masters (one gather of them per update), not the
+        # bf16 module copies, whose rounding it would otherwise average in
+        self.master_weights = None
+        if self.deepspeed and self.input_dtype != torch.float32:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            self.master_weights = safe_get_full_fp32_param
 
     def micro_batch(self, images: torch.Tensor, targets: torch.Tensor,
                     before_optimizer_step: Callable[[], None] | None = None) -> bool:
@@ -154,7 +161,7 @@ class UpdateStep:
             self.optimizer.step()
             self.scheduler.step_update(updates_done + 1)
             if self.ema is not None:
-                self.ema.update(self.unwrapped, step=updates_done + 1)
+                self.ema.update(self.unwrapped, step=updates_done + 1, master=self.master_weights)
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateOutcome(loss, stop_flag > 0, grad_norm, skipped)
 

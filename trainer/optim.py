@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,12 +175,19 @@ class ParameterEma:
         return [ema_named[n] for n in ema_named], [model_named[n] for n in ema_named]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int | None = None) -> None:
-        """Average `model`'s current weights in (pass the unwrapped model, not DDP); `step` counts updates from 1."""
+    def update(self, model: nn.Module, step: int | None = None,
+               master: Callable[[nn.Parameter], torch.Tensor] | None = None) -> None:
+        """Average `model`'s current weights in (pass the unwrapped model, not DDP); `step` counts updates from 1.
+
+        `master(param)` gives the float32 master of a half-precision parameter (DeepSpeed bf16/fp16 trains
+        float32 masters behind bf16 module weights: `deepspeed.utils.safe_get_full_fp32_param`, a collective);
+        the EMA then averages the masters, not their rounded copies."""
         if self.walk == "state_dict":
             self._update_like_timm_v3(model, step)
             return
         ema_params, params = self._pairs(self.module, model, "named_parameters")
+        if master is not None:
+            params = [master(p) if p.dtype != torch.float32 else p for p in params]
         weight = 1.0 - self.decay
         same = [(e, p) for e, p in zip(ema_params, params) if e.dtype == p.dtype and e.device == p.device]
         if same:
