@@ -34,7 +34,7 @@ from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, is_compiled_module
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
@@ -125,7 +125,7 @@ class UpdateStep:
             with self.accelerator.autocast():
                 # float32 loss also where the weights themselves are half precision (DeepSpeed bf16/fp16,
                 # which takes inputs in the weights' dtype and does not autocast)
-                loss = self.criterion(self.model(images.to(self.input_dtype)).float(), targets)
+                loss = self.criterion(self.forward(images.to(self.input_dtype)).float(), targets)
             if self.deepspeed and before_optimizer_step is not None and self.accelerator.sync_gradients:
                 engine = self.accelerator.deepspeed_engine_wrapped.engine  # accelerate's backward, opened up
                 engine.set_gradient_accumulation_boundary(is_boundary=True)
@@ -137,6 +137,19 @@ class UpdateStep:
         self.window_loss += loss.detach().float()
         self.micro_batches += 1
         return self.accelerator.sync_gradients
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's forward; a compiled model that fails to compile is trained eager (one line says why)."""
+        if not is_compiled_module(self.model):
+            return self.model(images)
+        try:
+            return self.model(images)
+        except Exception as error:  # inductor/dynamo failures come as many exception types
+            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            self.accelerator.print(f"warning: torch.compile failed ({type(error).__name__}: {reason[:160]}); "
+                                   "training eager")
+            self.model = self.model._orig_mod
+            return self.model(images)
 
     def finish(self, updates_done: int, stop_requested: bool = False, want_grad_norm: bool = False,
                before_optimizer_step: Callable[[], None] | None = None) -> UpdateOutcome:
@@ -344,6 +357,7 @@ def train(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
                     data_wait += time.perf_counter() - wait_start
                     if not updater.micro_batch(images, targets, before_optimizer_step):
                         continue
+                    run.model = updater.model  # (the eager model, if compiling failed)
 
                     # --- the update: clip, step, schedule, EMA ---
                     log_step = (state.step + 1) % recipe.logging.every_steps == 0
