@@ -135,8 +135,12 @@ def _load(dataset: Dataset, positions: list[int], batch_size: int,
 
 
 def load_probe(dataset: Dataset, cfg: Any, rank: int = 0, world_size: int = 1,
-               num_workers: int = 0) -> ProbeData:
-    """Load this process's probe images and plasticity pair images (once; reused at every evaluation)."""
+               num_workers: int = 0, pair_sources: tuple[Dataset, Dataset] | None = None) -> ProbeData:
+    """Load this process's probe images and plasticity pair images (once; reused at every evaluation).
+
+    Plasticity pairs: by default `plasticity_pairs` random pairs of distinct probe images (seeded by
+    `plasticity_seed`); with `pair_sources` = (A, B), P3's pairing: image k of A (the pretraining
+    distribution's validation set) with image k of B (the downstream test set), k < plasticity_pairs."""
     size = len(dataset)
     if size < 2:
         raise DiagnosticsSetupError(f"the probe set has {size} image(s); diagnostics need at least 2")
@@ -147,13 +151,31 @@ def load_probe(dataset: Dataset, cfg: Any, rank: int = 0, world_size: int = 1,
         pairs = [int(position) for k in range(rank, len(first), world_size) for position in (first[k], second[k])]
     # A process loads its shard and its pairs' images; with more processes than images it may load none.
     needed = sorted(set(shard) | set(pairs)) or [0]
+    if pair_sources is not None:
+        pairs = []  # this process's indexed pairs are loaded from their own sources below
     images, labels = _load(dataset, needed, cfg.probe_batch_size, num_workers)
     row = {position: index for index, position in enumerate(needed)}
     shard_rows = torch.tensor([row[p] for p in shard], dtype=torch.long)
     pair_rows = torch.tensor([row[p] for p in pairs], dtype=torch.long).reshape(-1, 2)
     ids = torch.as_tensor(getattr(dataset, "indices", range(size)), dtype=torch.int64)
+    first_images, second_images = images[pair_rows[:, 0]], images[pair_rows[:, 1]]
+    if pair_sources is not None and "plasticity" in cfg.metrics:
+        first_images, second_images = _indexed_pairs(pair_sources, cfg, rank, world_size, num_workers)
     return ProbeData(images=images[shard_rows], labels=labels[shard_rows], ids=ids[shard], size=size,
-                     pair_first=images[pair_rows[:, 0]], pair_second=images[pair_rows[:, 1]])
+                     pair_first=first_images, pair_second=second_images)
+
+
+def _indexed_pairs(sources: tuple[Dataset, Dataset], cfg: Any, rank: int, world_size: int,
+                   num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image k of each source, for this process's share of k < plasticity_pairs (k = rank, rank + world, ...)."""
+    count = min(cfg.plasticity_pairs, *(len(source) for source in sources))
+    if count < 1:
+        raise DiagnosticsSetupError("plasticity_pairing = 'indexed': a pair source holds no image")
+    mine = list(range(rank, count, world_size)) or [0]
+    first, second = (_load(source, mine, cfg.probe_batch_size, num_workers)[0] for source in sources)
+    if rank >= count:  # more processes than pairs: this one measures none
+        first, second = first[:0], second[:0]
+    return first, second
 
 
 def plasticity_results(model: nn.Module, probe: ProbeData, cfg: Any, device: torch.device,

@@ -150,3 +150,26 @@ def test_bad_arguments():
     with pytest.warns(UserWarning, match="FC2 is left out"):
         got = plasticity(narrow, images(4), num_pairs=3)
     assert "FC2" not in got["block_1"] and set(COMPONENTS) - {"FC2"} <= set(got["block_1"])
+
+
+def test_p3s_indexed_pairing_pairs_image_k_of_one_source_with_image_k_of_the_other():
+    from diagnostics.suite import load_probe
+    from trainer.recipe_schema import DiagnosticsConfig
+
+    generator = torch.Generator().manual_seed(3)
+    pretraining = [(torch.randn(3, 16, 16, generator=generator), 0) for _ in range(7)]
+    downstream = [(torch.randn(3, 16, 16, generator=generator), 1) for _ in range(5)]
+    probe_set = [(torch.randn(3, 16, 16, generator=generator), i % 3) for i in range(6)]
+    cfg = DiagnosticsConfig(metrics=["plasticity"], plasticity_pairs=4, probe_batch_size=3)
+    shards = [load_probe(probe_set, cfg, rank, 2, pair_sources=(pretraining, downstream)) for rank in (0, 1)]
+    for rank, shard in enumerate(shards):  # process r takes pairs r, r + 2: image k of each source
+        ks = range(rank, 4, 2)
+        torch.testing.assert_close(shard.pair_first, torch.stack([pretraining[k][0] for k in ks]))
+        torch.testing.assert_close(shard.pair_second, torch.stack([downstream[k][0] for k in ks]))
+    model = tiny_vit()
+    alone = load_probe(probe_set, cfg, pair_sources=(pretraining, downstream))
+    got = Plasticity(mode="paper")
+    got.update_pairs(model, alone.pair_first, alone.pair_second)
+    want = Plasticity(mode="paper")  # the same four pairs, given by hand
+    want.update_pairs(model, torch.stack([p[0] for p in pretraining[:4]]), torch.stack([d[0] for d in downstream[:4]]))
+    assert got.compute() == want.compute()

@@ -237,7 +237,13 @@ class DiagnosticsConfig:
         help="ISI device memory budget (GiB): stages run in groups that fit; null = all stages at once")
     nc_all_stages: bool = knob(True, help="neural collapse at every stage (else final norm only)")
     plasticity_mode: Literal["paper", "in_situ"] = knob("paper", help="OPEN: component inputs for plasticity")
-    plasticity_pairs: int = knob(128, min=1, help="image pairs (drawn from the probe set) averaged for plasticity")
+    plasticity_pairs: int = knob(128, min=1, help="image pairs averaged for plasticity")
+    plasticity_pairing: Literal["within_probe", "indexed"] = knob(
+        "within_probe", help="within_probe: random pairs of probe images; indexed (P3): image k of "
+                             "plasticity_pair_data's eval split with image k of this recipe's eval split")
+    plasticity_pair_data: str | None = knob(
+        None, help="indexed pairing: an image folder root whose data.eval_split folder holds the pretraining "
+                   "distribution's validation images (ImageNet's val/ for P3)")
     plasticity_seed: int = knob(0, help="seed drawing the plasticity pairs")
     grad_norm_every_steps: int = knob(50, min=1, help="grad_norms: log per-component gradient norms every N steps")
 
