@@ -171,3 +171,29 @@ def test_callbacks_see_every_hook_and_log_to_tensorboard_and_jsonl(tmp_path, tin
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert "custom/image" in events.Tags()["images"]
     assert any("custom/note" in tag for tag in events.Tags()["tensors"])
+
+
+def test_relaunches_add_no_tensorboard_runs_and_hparams_carry_the_accuracies(tmp_path, tiny_recipe, fresh_accelerate):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for extra, resume in ((["train.max_steps=4"], None), ([], "auto"), ([], "auto")):  # the last one: a no-op
+        train(tiny_recipe("eval.every_steps=4", *extra), tmp_path / "run", resume=resume)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    tb = tmp_path / "run" / "tb"
+    assert [p for p in tb.iterdir() if p.is_dir()] == []  # one run in the selector, not one per launch
+    hparams = {value.tag: value.metadata.plugin_data.content for file in sorted(tb.glob("events.out.tfevents.*"))
+               for event in EventFileLoader(str(file)).Load() for value in event.summary.value
+               if value.metadata.plugin_data.plugin_name == "hparams"}
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"summary/top1_final", "summary/peak_to_final",
+                                                              "depth/phase/cliff_size"}
+    assert {h.name for h in experiment.hparam_infos} >= {"variant.kind", "optim.lr", "train.seed"}
+    final = EventAccumulator(str(tb), size_guidance={"scalars": 0}).Reload().Scalars("summary/top1_final")[-1]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert final.step == 16 and final.value == pytest.approx(summary["raw"]["top1_final"], abs=1e-4)

@@ -37,7 +37,7 @@ from trainer.optim import (
     build_scheduler,
     scaled_lr,
 )
-from trainer.recipe import RecipeError, flatten_recipe
+from trainer.recipe import RecipeError
 from trainer.recipe_schema import Recipe
 from trainer.run_dir import (
     RunDir,
@@ -171,10 +171,6 @@ def check_position(state: TrainState, checkpoint: Path, batches_per_epoch: int, 
         raise CheckpointError(f"{where}: step = {state.step} is past this recipe's {total_steps} updates")
 
 
-def _hparams(recipe: Recipe) -> dict:
-    return {k: ("null" if v is None else v) for k, v in flatten_recipe(recipe).items()}
-
-
 def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
               callbacks: Iterable[Callback] = ()) -> Run:
     """Build (or restore, with `resume` = "auto" or a checkpoint path) the run `recipe` describes."""
@@ -229,12 +225,14 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     if recipe.logging.tensorboard:
         # purge_step: events of the steps being redone (after a resume, or a restart from step 0) are
         # dropped from the earlier event files
+        # No `config`: accelerate would write it with SummaryWriter.add_hparams, which opens a new
+        # timestamp-named run in tb/ at every launch; RunLogger.write_hparams writes it into the run itself.
         had_events = any(paths.tensorboard.glob("**/events.out.tfevents.*"))
-        accelerator.init_trackers("", config=_hparams(recipe),
-                                  init_kwargs={"tensorboard": {"purge_step": state.step + 1} if had_events else {}})
+        accelerator.init_trackers("", init_kwargs={"tensorboard": {"purge_step": state.step + 1} if had_events else {}})
 
     log = RunLogger(recipe, accelerator, paths, total_steps=total_steps, updates_per_epoch=updates_per_epoch,
                     global_batch=geometry.global_batch, corrupt_images=data.skipped_corrupt)
+    log.write_hparams()
     return Run(recipe=recipe, accelerator=accelerator, run_dir=paths, data=data, model=model, unwrapped_model=unwrapped,
                optimizer=optimizer, scheduler=scheduler, ema=ema, state=state, log=log,
                callbacks=CallbackList(callbacks), geometry=geometry, updates_per_epoch=updates_per_epoch,

@@ -29,8 +29,21 @@ from tqdm.auto import tqdm
 
 from trainer.callbacks import StepRecord
 from trainer.checkpoint import TrainState
+from trainer.recipe import flatten_recipe
 from trainer.recipe_schema import Recipe
 from trainer.run_dir import RunDir, append_jsonl, model_cost, training_summary, write_json_atomic
+
+# The HPARAMS tab: these recipe keys (those sweeps vary), and per run its accuracies and the diagnostics'
+# phase summaries (logged at every evaluation, so a running sweep shows them too)
+HPARAM_KEYS = ("model.name", "model.depth", "model.embed_dim", "model.img_size", "model.patch_size", "variant.kind",
+               "variant.group_size", "variant.shallow_ratio", "variant.thin_mlp_ratio", "variant.keep_depth",
+               "optim.name", "optim.lr", "optim.weight_decay", "optim.trainable", "schedule.epochs",
+               "schedule.warmup_epochs", "train.batch_size", "train.seed", "train.precision", "train.ema_decay",
+               "augment.auto_augment", "augment.mixup", "augment.cutmix", "data.source", "data.val_fraction")
+ACCURACY_SCALARS = ("top1_final", "top1_best", "peak_to_final", "top1_at_best_val")
+HPARAM_METRICS = (*(f"summary/{k}" for k in ACCURACY_SCALARS), *(f"summary/ema_{k}" for k in ACCURACY_SCALARS),
+                  "depth/phase/cliff_size", "depth/phase/plateau_length", "depth/isi/mean",
+                  "depth/attn/cls_centrality_ratio_last")
 
 
 def peak_memory_gib() -> dict[str, float]:
@@ -197,9 +210,25 @@ class RunLogger:
         self.summary(state, "running")
 
     def summary(self, state: TrainState, status: str) -> None:
+        """summary.json, and its accuracies as `summary/*` scalars (the HPARAMS tab's metrics)."""
+        summary = training_summary(state, self.recipe, self.cost, status=status, global_batch=self.global_batch)
         if self.is_main_process:
-            write_json_atomic(self.run_dir.summary, training_summary(state, self.recipe, self.cost, status=status,
-                                                                     global_batch=self.global_batch))
+            write_json_atomic(self.run_dir.summary, summary)
+        scalars = {f"summary/{prefix}{key}": (summary[section] or {}).get(key)
+                   for section, prefix in (("raw", ""), ("ema", "ema_")) for key in ACCURACY_SCALARS}
+        self.log_scalars(scalars, step=state.step)
+
+    def write_hparams(self) -> None:
+        """The run's HPARAMS entry, in the run's own event files (main process)."""
+        writer = self.tensorboard()
+        if writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = flatten_recipe(self.recipe)
+        values = {key: "null" if flat[key] is None else flat[key] for key in HPARAM_KEYS}
+        for summary in hparams(values, {metric: 0.0 for metric in HPARAM_METRICS}):
+            writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         if self.bar is not None:
