@@ -6,7 +6,10 @@ STAMP := $(VENV)/.depthlab-installed
 DEMO_RECIPE ?= recipes/demo_digits.yaml
 DEMO_OUTPUT ?= runs/demo_digits
 
-.PHONY: install test demo lint clean
+# Debian's Chromium + ChromeDriver for the dashboard's browser test (tests/test_dashboard.py); root or sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test demo lint clean browser
 
 install: $(STAMP)
 
@@ -19,7 +22,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo ">> installing Debian's chromium and chromium-driver (the dashboard's browser test)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: $(STAMP) browser
 	@echo ">> running the test suite"
 	$(PY) -m pytest -q
 

@@ -4,7 +4,8 @@ Metrics stream a probe set stage by stage (`diagnostics.streaming`) and work on 
 VisionTransformer, without the trainer; each is declared once in `diagnostics.registry`;
 `run_diagnostics` runs the set a `diagnostics:` section (any object with its knobs) asks for;
 records (`diagnostics.jsonl`, analysis.json) are read with `read_diagnostics` / `final_record`.
-TensorBoard scalars and images: `diagnostics.tensorboard_logging` (drawn by `diagnostics.raster`);
+TensorBoard: per-stage tensors for the Depth tab (`diagnostics.tensorboard_plugin`), a few scalars and images,
+written by `diagnostics.tensorboard_logging` (images drawn by `diagnostics.raster`);
 offline figures: `diagnostics.plots` (imported on demand: it pulls in matplotlib). The adapter that
 runs all this during training is trainer/training_diagnostics.py.
 """

@@ -1,6 +1,12 @@
 """Training-time images drawn with numpy and Pillow: the labelled stage × step heatmap and the phase
 curve, in milliseconds each.
 
+Sized for TensorBoard's *Images* cards, which show an image about 350 px wide: drawn at that width
+with 11–12 px text, they are readable as thumbnails (no "Show actual image size"). A heatmap's colours
+span its `robust_range` (Tukey's far fences), so one outlier cell cannot take the colour range; the
+colorbar's end triangles mark values beyond it. The colours of one image are one scale over all its
+columns (evaluations); the Depth tab (diagnostics/tensorboard_plugin/) keeps one scale per run.
+
 matplotlib draws the offline figures (tools/analyze.py, reports). Inside a training process its import
 (~0.5 s) and each figure (~0.1–0.2 s) cost more than a whole probe evaluation at demo scale, which
 put the callback over its cost budget; these images need only cells, polylines and text. Colours:
@@ -33,7 +39,9 @@ VIRIDIS = np.array([
 CURVE_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 WHITE, INK, GRID, MISSING = (255, 255, 255), (30, 30, 30), (228, 228, 228), (215, 215, 215)
 MARK = (100, 100, 100)  # phase boundaries
-MAX_ROW_LABELS, MAX_COLUMN_LABELS = 16, 8
+MAX_ROW_LABELS, MAX_COLUMN_LABELS = 16, 5
+THUMBNAIL_WIDTH = 348  # TensorBoard's Images card shows ~350 px: drawn at this width, shown 1:1
+FENCE = 3.0  # Tukey's far fences: quartiles -/+ 3 IQR
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (pixels, inclusive-exclusive)
 
@@ -131,17 +139,33 @@ def stage_step_heatmap_image(records: Sequence[Mapping[str, Any]], metric: str, 
     return heatmap_image(values, stages, [str(step) for step in steps], f"log10 {title}" if log else title)
 
 
+def robust_range(values: np.ndarray) -> tuple[float, float, bool, bool]:
+    """(low, high, clipped_low, clipped_high) of a heatmap's colours: min..max of the finite values, narrowed
+    to Tukey's far fences (quartiles -/+ FENCE IQR), so that one outlier cell cannot take the whole range.
+    (The Depth tab's frontend applies the same rule.)"""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return 0.0, 1.0, False, False
+    low, high = float(finite.min()), float(finite.max())
+    q1, q3 = (float(q) for q in np.quantile(finite, [0.25, 0.75]))
+    if q3 > q1:
+        low, high = max(low, q1 - FENCE * (q3 - q1)), min(high, q3 + FENCE * (q3 - q1))
+    return low, high, bool(finite.min() < low), bool(finite.max() > high)
+
+
 def heatmap_image(values: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str], title: str, *,
-                  width: int = 512, height: int = 320) -> np.ndarray:
-    """A labelled heatmap of `values[row][column]` (row 0 at the bottom, NaN grey) with a colorbar."""
+                  width: int = THUMBNAIL_WIDTH, height: int = 236) -> np.ndarray:
+    """A labelled heatmap of `values[row][column]` (row 0 at the bottom, NaN grey) with a colorbar; colours span
+    `robust_range(values)` (cells beyond it take the end colours, shown by triangles on the colorbar)."""
     values = np.asarray(values, dtype=float)
     rows, columns = values.shape
     canvas = Canvas(width, height)
-    shown_rows, shown_columns = _thin(rows, MAX_ROW_LABELS), _thin(columns, MAX_COLUMN_LABELS)
-    left = 10 + max((canvas.text_width(row_labels[i], 10) for i in shown_rows), default=0)
-    box = (left, 28, width - 74, height - 40)
-    finite = values[np.isfinite(values)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    row_step = max(1, -(-rows * 12 // max(height - 60, 1)))  # at most one label per 12 px
+    shown_rows, shown_columns = _thin(rows, min(MAX_ROW_LABELS, -(-rows // row_step))), _thin(columns, MAX_COLUMN_LABELS)
+    left = 8 + max((canvas.text_width(row_labels[i], 11) for i in shown_rows), default=0)
+    box = (left, 24, width - 62, height - 34)
+    low, high, clipped_low, clipped_high = robust_range(values)
     span = high - low if high > low else 1.0
 
     cells = viridis(np.nan_to_num((values - low) / span))
@@ -151,23 +175,30 @@ def heatmap_image(values: np.ndarray, row_labels: Sequence[str], column_labels: 
     canvas.image.paste(tile, box[:2])
     canvas.draw.rectangle([box[0] - 1, box[1] - 1, box[2], box[3]], outline=INK)
 
-    canvas.text((width / 2, 6), title, 13, anchor="ma")
+    canvas.text((width / 2, 4), title, 12, anchor="ma")
     for i in shown_rows:
         y = box[3] - (i + 0.5) * plot_h / rows
-        canvas.text((box[0] - 5, y), row_labels[i], 10, anchor="rm")
+        canvas.text((box[0] - 4, y), row_labels[i], 11, anchor="rm")
     for j in shown_columns:
         x = box[0] + (j + 0.5) * plot_w / columns
-        canvas.text((x, box[3] + 5), column_labels[j], 10, anchor="ma")
-    canvas.text(((box[0] + box[2]) / 2, height - 5), "training step", 11, anchor="md")
+        canvas.text((x, box[3] + 3), column_labels[j], 11, anchor="ma")
+    canvas.text(((box[0] + box[2]) / 2, height - 3), "training step", 11, anchor="md")
 
-    bar = (box[2] + 10, box[1], box[2] + 24, box[3])
+    bar = (box[2] + 8, box[1] + 7, box[2] + 20, box[3] - 7)
     gradient = viridis(np.linspace(1.0, 0.0, bar[3] - bar[1]))[:, None, :].repeat(bar[2] - bar[0], axis=1)
     canvas.image.paste(Image.fromarray(np.ascontiguousarray(gradient)), bar[:2])
     canvas.draw.rectangle([bar[0] - 1, bar[1] - 1, bar[2], bar[3]], outline=INK)
-    for tick in nice_ticks(low, high) if high > low else [low]:
+    middle = (bar[0] + bar[2]) / 2
+    if clipped_high:  # values above the range: an end triangle in the top colour
+        canvas.draw.polygon([(bar[0] - 1, bar[1] - 2), (bar[2], bar[1] - 2), (middle, bar[1] - 8)],
+                            fill=tuple(viridis(np.array(1.0))), outline=INK)
+    if clipped_low:
+        canvas.draw.polygon([(bar[0] - 1, bar[3] + 1), (bar[2], bar[3] + 1), (middle, bar[3] + 7)],
+                            fill=tuple(viridis(np.array(0.0))), outline=INK)
+    for tick in nice_ticks(low, high, 3 if bar[3] - bar[1] < 120 else 4) if high > low else [low]:
         y = bar[3] - (tick - low) / span * (bar[3] - bar[1]) if high > low else (bar[1] + bar[3]) / 2
         canvas.draw.line([(bar[2], y), (bar[2] + 3, y)], fill=INK)
-        canvas.text((bar[2] + 5, y), _label(tick), 10, anchor="lm")
+        canvas.text((bar[2] + 5, y), _label(tick), 11, anchor="lm")
     return canvas.pixels()
 
 
@@ -260,16 +291,14 @@ def _legend(canvas: Canvas, box: Box, entries: Sequence[tuple[str, tuple[int, in
         x += canvas.text_width(text, 10) + 26
 
 
-def phase_curve_image(record: Mapping[str, Any], label: str = "", *, width: int = 1024,
-                      height: int = 288) -> np.ndarray:
-    """Centered token similarity S_c with the detected cliff end, plateau and climb start; raw S beside it."""
+def phase_curve_image(record: Mapping[str, Any], label: str = "", *, width: int = THUMBNAIL_WIDTH,
+                      height: int = 236) -> np.ndarray:
+    """Centered token similarity S_c with the detected cliff end, plateau and climb start (the raw S and every
+    other quantity are in the Depth tab's depth profile)."""
     canvas = Canvas(width, height)
     stages = list(record["stages"])
-    half = width // 2
-    for offset, key, title, marks in ((0, "centered", "centered token similarity S_c", phase_indices(record)),
-                                      (half, "raw", "raw token similarity S", None)):
-        values = stage_values(record, "token_similarity", key)
-        curves = [(values, label if marks else "")] if values is not None else []  # label once, left
-        curve_panel(canvas, (offset + 52, 34, offset + half - 14, height - 30), stages, curves, title,
-                    marks=marks, zero_line=key == "centered")
+    values = stage_values(record, "token_similarity", "centered")
+    curves = [(values, label)] if values is not None else []
+    curve_panel(canvas, (50, 46, width - 10, height - 22), stages, curves, "centered token similarity S_c",
+                marks=phase_indices(record), zero_line=True)
     return canvas.pixels()

@@ -3,7 +3,7 @@ heatmaps, summary scalars, figure and the streaming metrics that compute it.
 
 Everything else is derived from `METRICS`: the recipe's `diagnostics.metrics` choices
 (trainer/recipe_schema.py), the per-stage record layout (records.py), the TensorBoard tags,
-summaries, custom-scalars layout and heatmaps (tensorboard_logging.py), the analysis figures
+summaries, heatmaps and the Depth tab's tensor metadata (tensorboard_logging.py), the analysis figures
 (plots.py) and the metrics a probe run builds (suite.py). To add a metric: write its
 `StreamingMetric` (see streaming.py), declare it here, and give it a figure in plots.py.
 

@@ -1,12 +1,21 @@
-"""TensorBoard tags, scalars, custom-scalars layout and images of diagnostics records.
+"""What the diagnostics write to TensorBoard: tensors for the Depth dashboard, a few scalars, images.
 
-Tags (P = `depth` for the raw weights, `depth_ema` for the EMA weights):
+Per evaluation and probed model (P = `depth` for the raw weights, `depth_ema` for the EMA weights):
 
-    P/<quantity>/<stage>       one scalar per stage: embed, pe, block_01 .. block_L, norm (block numbers
-                               zero-padded to at least two digits, so they sort)
-    P/<family>/<summary>       per-evaluation summaries (see `summary_scalars`)
-    P/heatmap/<quantity>       image: stage x training step, rebuilt from all records so far
+    P/<quantity>               tensor, one float64 value per stage (the Depth tab reads it: heatmap, depth
+                               profile); format in diagnostics/tensorboard_plugin/metadata.py
+    P/phases                   tensor: cliff end, plateau start/end, climb start (stage indices), cliff size,
+                               tau, plateau length and median (the Depth tab's marks and phase timeline)
+    P/<family>/<summary>       a few scalars for *Scalars* (`dashboard_scalars`): phase/cliff_size,
+                               phase/plateau_length, token_sim/pe_dominance, probe/top1 and the declared
+                               summaries of each metric's headline (heatmap) quantities: isi/{max, argmax,
+                               mean}, attn/{cls_centrality_ratio, consensus}_last, nc/nc1_final,
+                               plasticity/MHA_mean
+    P/heatmap/<quantity>       image: stage x training step over all records so far (`log_images`)
     P/phase_curve              image: the current S_c curve with the detected boundaries
+
+and every `grad_norm_every_steps` updates `depth/grad_norm_<component>` (tensor, one value per block).
+Per-stage values are tensors, not scalars, so *Scalars* is not flooded with one chart per stage.
 
 A quantity is `<family>_<key>`, without repeating a family the key already starts with:
 
@@ -15,60 +24,32 @@ A quantity is `<family>_<key>`, without repeating a family the key already start
     attn_mean_distance  nc1  nc2_etf_gap  nc2_equinorm_cv  nc3_self_duality  nc4_ncc_mismatch
     nc_logit_margin  plasticity_{LN1,MHA,LN2,FC1,FC2}  grad_norm_{LN1,MHA,LN2,FC1,FC2}
 
-(grad_norm_* are training-time gradients of the raw weights, always under `depth/`.) The
-custom-scalars layout puts every quantity's stages in one multi-line chart. Families, heatmaps and
-summaries are declared per metric in diagnostics/registry.py.
+Families, heatmaps and summaries are declared per metric in diagnostics/registry.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from diagnostics.records import phase_indices, quantity
 from diagnostics.registry import METRICS, PER_STAGE_KEYS, Summary
+from diagnostics.tensorboard_plugin.metadata import PHASE_FIELDS, PHASES_QUANTITY, tag_prefix, tensor_value
 
 GRAD_NORMS = METRICS["grad_norms"]
 PHASE_SUMMARIES = ("plateau_length", "cliff_size", "tau", "plateau_median")
-STAGE_REGEX = r"(embed|pe|block_\d+|norm)$"  # per-stage tags only (`depth/isi/max` is a summary)
-
-
-def tag_prefix(model: str) -> str:
-    return "depth" if model == "raw" else f"depth_{model}"
+# What *Scalars* keeps per evaluation besides each metric's headline summaries (see `dashboard_scalars`).
+DASHBOARD_EXTRA_SCALARS = ("phase/cliff_size", "phase/plateau_length", "token_sim/pe_dominance", "probe/top1")
+STAGE_REGEX = r"(embed|pe|block_\d+|norm)$"  # a per-stage tag's end (`depth/isi/max` is a summary)
 
 
 def quantity_name(metric: str, key: str) -> str:
     return METRICS[metric].quantity(key)
 
 
-def stage_tag(stage: str, num_blocks: int) -> str:
-    """`block_7` -> `block_07` (width max(2, digits of the depth)); other stages unchanged."""
-    if not stage.startswith("block_"):
-        return stage
-    return f"block_{int(stage[6:]):0{max(2, len(str(num_blocks)))}d}"
-
-
-def _num_blocks(stages: Sequence[str]) -> int:
-    return sum(stage.startswith("block_") for stage in stages)
-
-
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def stage_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """`P/<quantity>/<stage>` for every recorded per-stage value (grad norms excluded)."""
-    prefix, stages = tag_prefix(record["model"]), record["stages"]
-    blocks = _num_blocks(stages)
-    scalars = {}
-    for metric, keys in PER_STAGE_KEYS.items():
-        for key in keys:
-            values = quantity(record, metric, key) or []
-            for stage, value in zip(stages, values):
-                if _finite(value):
-                    scalars[f"{prefix}/{quantity_name(metric, key)}/{stage_tag(stage, blocks)}"] = float(value)
-    return scalars
 
 
 def _reduce(record: Mapping[str, Any], metric: str, summary: Summary) -> float | None:
@@ -115,36 +96,6 @@ def summary_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return {f"{prefix}/{name}": float(value) for name, value in out.items() if _finite(value)}
 
 
-def grad_norm_scalars(norms: Mapping[str, Mapping[str, float | None]], num_blocks: int) -> dict[str, float]:
-    """`depth/grad_norm_<component>/<block>` from `component_grad_norms` output."""
-    return {f"depth/{GRAD_NORMS.quantity(component)}/{stage_tag(stage, num_blocks)}": float(value)
-            for component in GRAD_NORMS.keys for stage, value in norms.get(component, {}).items()
-            if _finite(value)}
-
-
-def custom_scalars_layout(metrics: Iterable[str], models: Iterable[str]) -> dict[str, dict[str, list]]:
-    """{category: {chart: ["Multiline", [tag regex]]}} for `SummaryWriter.add_custom_scalars`."""
-    metrics = set(metrics)
-    layout: dict[str, dict[str, list]] = {}
-    for model in models:
-        prefix = tag_prefix(model)
-        charts = {}
-        for metric, keys in PER_STAGE_KEYS.items():
-            if metric in metrics:
-                for key in keys:
-                    name = quantity_name(metric, key)
-                    charts[name] = ["Multiline", [f"{prefix}/{name}/{STAGE_REGEX}"]]
-        if "token_similarity" in metrics:
-            charts["phase boundaries (stage index)"] = [
-                "Multiline", [f"{prefix}/phase/(cliff_end|plateau_start|plateau_end|climb_start)$"]]
-        layout[f"{prefix}: per stage ({model} weights)"] = charts
-    if "grad_norms" in metrics:
-        layout["depth: gradient norms per block"] = {
-            GRAD_NORMS.quantity(component): ["Multiline", [f"depth/{GRAD_NORMS.quantity(component)}/{STAGE_REGEX}"]]
-            for component in GRAD_NORMS.keys}
-    return layout
-
-
 def log_images(writer: Any, records: Sequence[Mapping[str, Any]], step: int, model: str) -> list[str]:
     """Heatmaps of every main quantity over `records` (one model's, oldest first) and the latest phase
     curve, as images at `step`; returns the tags written. Drawn by diagnostics/raster.py (milliseconds,
@@ -166,3 +117,69 @@ def log_images(writer: Any, records: Sequence[Mapping[str, Any]], step: int, mod
                          dataformats="HWC")
         written.append(f"{prefix}/phase_curve")
     return written
+
+
+# ---- what the trainer logs: tensors for the Depth tab, a few scalars for Scalars ------------------------
+
+def headline_summaries() -> tuple[str, ...]:
+    """`<family>/<summary>` of every declared summary that reduces one of its metric's heatmap quantities
+    (the registry's headline quantities), e.g. isi/mean, attn/cls_centrality_ratio_last, nc/nc1_final."""
+    return tuple(f"{spec.family}/{summary.name}" for spec in METRICS.values() for summary in spec.summaries
+                 if summary.key in {heatmap.key for heatmap in spec.heatmaps})
+
+
+def dashboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The scalars *Scalars* shows per evaluation: `DASHBOARD_EXTRA_SCALARS` and the headline summaries
+    (a subset of `summary_scalars`; per-stage values go to the Depth tab as tensors)."""
+    prefix = tag_prefix(record["model"])
+    kept = {f"{prefix}/{name}" for name in (*DASHBOARD_EXTRA_SCALARS, *headline_summaries())}
+    return {tag: value for tag, value in summary_scalars(record).items() if tag in kept}
+
+
+def _stage_content(metric: str, key: str, model: str, stages: Sequence[str]) -> dict[str, Any]:
+    spec = METRICS[metric]
+    log = any(heatmap.key == key and heatmap.log for heatmap in spec.heatmaps)
+    return {"kind": "stages", "model": model, "metric": metric, "key": key, "quantity": spec.quantity(key),
+            "family": spec.family, "log": log, "stages": list(stages)}
+
+
+def depth_summary(record: Mapping[str, Any]) -> Any:
+    """One `Summary` with a `P/<quantity>` tensor per recorded per-stage quantity and `P/phases`
+    (the Depth tab's data for this record; format in diagnostics/tensorboard_plugin/metadata.py)."""
+    from tensorboard.compat.proto import summary_pb2
+
+    prefix, model, stages = tag_prefix(record["model"]), record["model"], record["stages"]
+    values = []
+    for metric, keys in PER_STAGE_KEYS.items():
+        for key in keys:
+            per_stage = quantity(record, metric, key)
+            if per_stage is not None:
+                values.append(tensor_value(f"{prefix}/{quantity_name(metric, key)}", per_stage,
+                                           _stage_content(metric, key, model, stages)))
+    if record.get("phases"):
+        phases = {**record["phases"], **phase_indices(record)}
+        values.append(tensor_value(f"{prefix}/{PHASES_QUANTITY}", [phases.get(name) for name in PHASE_FIELDS],
+                                   {"kind": "phases", "model": model, "fields": list(PHASE_FIELDS),
+                                    "stages": list(stages)}))
+    return summary_pb2.Summary(value=values)
+
+
+def grad_norm_summary(norms: Mapping[str, Mapping[str, float | None]], stages: Sequence[str]) -> Any:
+    """`depth/grad_norm_<component>` tensors (one value per stage, NaN off the blocks) from
+    `component_grad_norms` output; `stages` are the model's (`diagnostics.stage_names`)."""
+    from tensorboard.compat.proto import summary_pb2
+
+    values = [tensor_value(f"{tag_prefix('raw')}/{GRAD_NORMS.quantity(component)}",
+                           [norms.get(component, {}).get(stage) for stage in stages],
+                           _stage_content(GRAD_NORMS.name, component, "raw", stages))
+              for component in GRAD_NORMS.keys if norms.get(component)]
+    return summary_pb2.Summary(value=values)
+
+
+def write_summary(writer: Any, summary: Any, step: int) -> None:
+    """Append a Summary proto to a torch (or tensorboardX) SummaryWriter's event file and flush, so a
+    running TensorBoard sees it at its next reload. (Neither writer has a public call for a prebuilt
+    Summary; `add_custom_scalars` uses the same file writer.)"""
+    if summary.value:
+        writer._get_file_writer().add_summary(summary, step)
+        writer.flush()

@@ -13,16 +13,15 @@ import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedType
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.custom_scalar import layout_pb2
-from tensorboard.util import tensor_util
 
 from diagnostics.records import PER_STAGE_KEYS, read_diagnostics
-from diagnostics.suite import DiagnosticsSetupError
+from diagnostics.tensorboard_logging import STAGE_REGEX
+from diagnostics.tensorboard_plugin.plugin import read_depth_series
 from models import load_model_file
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 from trainer.loop import train
 from trainer.recipe import load_recipe
-from trainer.training_diagnostics import check_distributed_support, measures_checkpoint
+from trainer.training_diagnostics import gradient_access, measures_checkpoint, sharded_weights
 
 # Drop-path (torch RNG) and mixup (numpy RNG) make the loss depend on every RNG stream.
 STOCHASTIC = ["model.drop_path_rate=0.2", "augment.mixup=0.8", "augment.cutmix=1.0", "train.ema_decay=0.9"]
@@ -102,36 +101,41 @@ def test_records_follow_the_documented_format(runs):
     assert raw_2["token_similarity"] != ema_2["token_similarity"]  # the EMA weights were probed, not the raw ones
 
 
-def test_tensorboard_scalars_images_and_custom_scalar_layout(runs):
+def test_tensorboard_depth_tensors_few_scalars_and_images(runs):
     accumulator = events(runs["with"])
     tags = accumulator.Tags()
     scalars = set(tags["scalars"])
-    for tag in ("depth/token_sim_centered/block_01", "depth/token_sim_raw/embed", "depth/isi/norm",
-                "depth/attn_consensus/block_02", "depth/nc1/norm", "depth/plasticity_MHA/block_01",
-                "depth/phase/cliff_end", "depth/phase/plateau_length", "depth/isi/max", "depth/nc/nc1_final",
-                "depth_ema/token_sim_centered/block_01", "depth_ema/phase/cliff_end",
-                "depth/grad_norm_MHA/block_01", "depth/cost/elapsed_s"):
+    # per-stage values are tensors for the Depth tab; Scalars keeps a few summaries per evaluation
+    assert not [tag for tag in scalars if re.search(f"/{STAGE_REGEX}", tag)]
+    for tag in ("depth/phase/cliff_size", "depth/phase/plateau_length", "depth/isi/mean", "depth/isi/max",
+                "depth/attn/cls_centrality_ratio_last", "depth/nc/nc1_final", "depth/plasticity/MHA_mean",
+                "depth/probe/top1", "depth_ema/phase/cliff_size"):
         assert tag in scalars, tag
-    assert [e.step for e in accumulator.Scalars("depth/token_sim_centered/block_01")] == [2, 3, 4]
-    assert [e.step for e in accumulator.Scalars("depth/grad_norm_FC1/block_02")] == [1, 2, 3, 4]
+    assert len([tag for tag in scalars if tag.startswith("depth/")]) <= 12
+    assert [e.step for e in accumulator.Scalars("depth/phase/plateau_length")] == [2, 3, 4]  # resumed at 3: once each
+
+    records = {(r["step"], r["model"]): r for r in read_diagnostics(runs["with"])}
+    (depth,) = read_depth_series(runs["with"] / "tb").values()  # as the Depth tab reads them
+    for tag, metric, key, model in (("depth/token_sim_centered", "token_similarity", "centered", "raw"),
+                                    ("depth/isi", "isi", "isi", "raw"), ("depth/nc1", "neural_collapse", "nc1", "raw"),
+                                    ("depth_ema/attn_consensus", "attention", "consensus", "ema")):
+        content = json.loads(accumulator.SummaryMetadata(tag).plugin_data.content)
+        assert accumulator.SummaryMetadata(tag).plugin_data.plugin_name == "depth"
+        assert content["stages"] == ["embed", "pe", "block_1", "block_2", "norm"] and content["model"] == model
+        assert [step for step, _ in depth[tag]] == [2, 3, 4], tag  # the resumed steps 3 and 4 once each
+        for step, values in depth[tag]:
+            assert values == records[step, model][metric][key], (tag, step)  # null where undefined
+    phases = depth["depth/phases"][-1][1]
+    assert phases[0] == records[4, "raw"]["stages"].index(records[4, "raw"]["phases"]["cliff_end"])
+    assert [step for step, _ in depth["depth/grad_norm_FC1"]] == [1, 2, 3, 4]
+    assert "custom_scalars__config__" not in tags["tensors"]  # the Depth tab replaces Custom Scalars
+
     for tag in ("depth/heatmap/token_sim_centered", "depth/heatmap/isi", "depth/heatmap/nc1", "depth/phase_curve",
                 "depth_ema/heatmap/attn_consensus"):
         assert tag in tags["images"], tag
     heatmaps = accumulator.Images("depth/heatmap/token_sim_centered")
     assert [e.step for e in heatmaps] == [3, 4]  # images at the checkpoint evaluations only
     assert heatmaps[0].encoded_image_string != heatmaps[-1].encoded_image_string  # rebuilt with more columns
-
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(tensor_util.make_ndarray(accumulator.Tensors("custom_scalars__config__")[0].tensor_proto)
-                           .item())
-    raw = next(category for category in layout.category if category.title == "depth: per stage (raw weights)")
-    charts = {chart.title: list(chart.multiline.tag) for chart in raw.chart}
-    isi_regex = re.compile(charts["isi"][0])
-    assert isi_regex.match("depth/isi/block_01") and isi_regex.match("depth/isi/norm")
-    assert not isi_regex.match("depth/isi/max")  # summaries are not stage curves
-    assert {"token_sim_centered", "attn_cls_centrality_ratio", "nc1", "plasticity_FC1"} <= set(charts)
-    assert [c.title for c in layout.category] == ["depth: per stage (raw weights)", "depth_ema: per stage (ema weights)",
-                                                  "depth: gradient norms per block"]
 
 
 def test_resume_truncates_diagnostics_after_the_checkpoint(runs):
@@ -141,19 +145,18 @@ def test_resume_truncates_diagnostics_after_the_checkpoint(runs):
     assert resumed_4["token_similarity"] == before[-2]["token_similarity"]  # step 4 redone, same weights
 
 
-def test_unsupported_backends_are_refused_at_start():
+def test_sharded_backends_are_measured_through_a_replica_and_their_gradients_where_they_live():
     def accelerator(kind, stage=None):
         return SimpleNamespace(distributed_type=kind,
                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
 
-    check_distributed_support(accelerator(DistributedType.MULTI_GPU), ["isi", "grad_norms"])
-    check_distributed_support(accelerator(DistributedType.DEEPSPEED, 2), ["isi"])
-    with pytest.raises(DiagnosticsSetupError, match="FSDP: each process holds a shard"):
-        check_distributed_support(accelerator(DistributedType.FSDP), ["token_similarity"])
-    with pytest.raises(DiagnosticsSetupError, match="DeepSpeed ZeRO-3"):
-        check_distributed_support(accelerator(DistributedType.DEEPSPEED, 3), ["isi"])
-    with pytest.raises(DiagnosticsSetupError, match="grad_norms under DEEPSPEED"):
-        check_distributed_support(accelerator(DistributedType.DEEPSPEED, 2), ["grad_norms"])
+    assert sharded_weights(accelerator(DistributedType.MULTI_GPU)) is None
+    assert sharded_weights(accelerator(DistributedType.DEEPSPEED, 2)) is None  # ZeRO-1/2: full weights
+    assert sharded_weights(accelerator(DistributedType.FSDP)) == "fsdp"
+    assert sharded_weights(accelerator(DistributedType.DEEPSPEED, 3)) == "zero3"
+    assert gradient_access(accelerator(DistributedType.MULTI_GPU)) == {}
+    assert gradient_access(accelerator(DistributedType.FSDP)) == {"sharded": True}
+    assert gradient_access(accelerator(DistributedType.DEEPSPEED, 2))["grad_of"].__name__ == "safe_get_full_grad"
 
 
 def test_preemption_and_best_only_saves_are_not_measured(tiny_recipe):
@@ -170,7 +173,8 @@ def test_images_final_renders_once_at_the_end_with_every_evaluation(tmp_path, ti
     train(tiny_recipe(*cadence), tmp_path / "run")
     reset_accelerate_state()
     accumulator = events(tmp_path / "run")
-    assert [e.step for e in accumulator.Scalars("depth/token_sim_centered/block_01")] == [1, 2, 3, 4]
+    (depth,) = read_depth_series(tmp_path / "run" / "tb").values()
+    assert [step for step, _ in depth["depth/token_sim_centered"]] == [1, 2, 3, 4]
     (image,) = accumulator.Images("depth/heatmap/token_sim_centered")  # not at the periodic save of step 2
     assert image.step == 4 and [e.step for e in accumulator.Images("depth/phase_curve")] == [4]
 

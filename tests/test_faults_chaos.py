@@ -14,6 +14,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diagnostics.tensorboard_plugin.plugin import read_depth_series
 from models import load_model_file
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 
@@ -89,9 +90,16 @@ def leaves(value, prefix: str = "") -> dict:
 
 
 def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Training curves and every per-stage value the Depth tab shows, as (step, value) series by tag[stage]."""
     events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0}).Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-            if tag.startswith(("train/loss", "train/lr", "eval/", "depth/token_sim", "depth/attn_consensus"))}
+    out = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+           if tag.startswith(("train/loss", "train/lr", "eval/", "depth/phase/", "depth/attn/"))}
+    (depth,) = read_depth_series(run / "tb").values()  # the plugin's reader drops what a resumed session redid
+    for tag, series in depth.items():
+        if tag.startswith(("depth/token_sim", "depth/attn_consensus", "depth/phases")):
+            for i in range(len(series[0][1])):
+                out[f"{tag}[{i}]"] = [(step, values[i]) for step, values in series if values[i] is not None]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +135,7 @@ def test_kills_at_any_moment_leave_the_logs_and_weights_of_the_uninterrupted_run
                     flat_a[key] == pytest.approx(value, abs=1e-6)
                 assert same, (name, a["step"], key, flat_a[key], value)
     got, want = scalars(chaos), scalars(straight)
-    assert got.keys() == want.keys() and "train/loss" in got and "depth/token_sim_centered/block_01" in got
+    assert got.keys() == want.keys() and "train/loss" in got and "depth/token_sim_centered[2]" in got
     for tag in want:
         assert [s for s, _ in got[tag]] == [s for s, _ in want[tag]], tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in want[tag]], abs=1e-6), tag

@@ -224,11 +224,11 @@ def build_run(recipe: Recipe, run_dir: Path | str, resume: str | None = None,
     accelerator.wait_for_everyone()
     if recipe.logging.tensorboard:
         # purge_step: events of the steps being redone (after a resume, or a restart from step 0) are
-        # dropped from the earlier event files
+        # dropped from the earlier event files. Written from the first session on: TensorBoard's Python data
+        # provider takes a run's first SessionLog.START as its start and would not purge the first resume.
         # No `config`: accelerate would write it with SummaryWriter.add_hparams, which opens a new
         # timestamp-named run in tb/ at every launch; RunLogger.write_hparams writes it into the run itself.
-        had_events = any(paths.tensorboard.glob("**/events.out.tfevents.*"))
-        accelerator.init_trackers("", init_kwargs={"tensorboard": {"purge_step": state.step + 1} if had_events else {}})
+        accelerator.init_trackers("", init_kwargs={"tensorboard": {"purge_step": state.step + 1}})
 
     log = RunLogger(recipe, accelerator, paths, total_steps=total_steps, updates_per_epoch=updates_per_epoch,
                     global_batch=geometry.global_batch, corrupt_images=data.skipped_corrupt)
