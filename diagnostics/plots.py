@@ -1,9 +1,10 @@
 """Figures of diagnostics records (matplotlib), for tools/analyze.py and tools/report.py.
 
 Every curve figure takes `series`, a list of (label, record) pairs in the diagnostics.jsonl
-layout (diagnostics/records.py), and overlays them: one colour per record. The x axis is the
-stage index of each record (0 = embed, 1 = pe, k + 1 = block_k, last = norm), so block numbers
-line up across models of different depth. Figures are `matplotlib.figure.Figure` objects built
+layout (diagnostics/records.py), and overlays them: one colour per record, one legend below the
+panels. The x axis is the stage (embed, pe, block_1, ..., norm) when every record has the same
+depth, and relative depth (0 = embed, 1 = norm) when they differ, so that models of different depth
+line up end to end. Figures are `matplotlib.figure.Figure` objects built
 without pyplot (no global state, any backend); `figure_to_rgb` renders one for TensorBoard and
 `save_figure` writes a PNG.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from diagnostics.raster import heatmap_values, stage_values
 from diagnostics.records import phase_indices, quantity
@@ -53,24 +55,37 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     return path
 
 
+def relative_depth(series: Series) -> bool:
+    """Whether the x axis is relative depth (0 = embed, 1 = norm): when the records' models differ in depth,
+    so that their phases line up; otherwise stage positions, labelled with the stage names."""
+    return len({len(record["stages"]) for _, record in series}) > 1
+
+
+def positions(record: Mapping[str, Any], relative: bool) -> np.ndarray:
+    count = len(record["stages"])
+    return np.arange(count) / max(count - 1, 1) if relative else np.arange(count, dtype=float)
+
+
 def _stage_axis(ax: Any, series: Series) -> None:
-    stages = max((record["stages"] for _, record in series), key=len)
-    step = -(-len(stages) // MAX_STAGE_TICKS)
-    ticks = list(range(0, len(stages), step))
-    ax.set_xticks(ticks, [stages[i] for i in ticks], rotation=45, ha="right", fontsize=8)
-    if len({len(record["stages"]) for _, record in series}) > 1:
-        ax.set_xlabel("stage (last point of each curve: norm)", fontsize=8)
+    if relative_depth(series):
+        ax.set_xticks([0.0, 0.25, 0.5, 0.75, 1.0], ["embed", "0.25", "0.5", "0.75", "norm"], fontsize=8)
+        ax.set_xlabel("relative depth (0 = embed, 1 = norm)", fontsize=8)
+    else:
+        stages = series[0][1]["stages"]
+        step = -(-len(stages) // MAX_STAGE_TICKS)
+        ticks = list(range(0, len(stages), step))
+        ax.set_xticks(ticks, [stages[i] for i in ticks], rotation=45, ha="right", fontsize=8)
     ax.grid(alpha=0.3)
 
 
 def _curve_panel(ax: Any, series: Series, metric: str, key: str, title: str, log: bool = False) -> bool:
     """One quantity of every record on `ax`; False when no record has it."""
-    drawn = False
+    drawn, relative = False, relative_depth(series)
     for index, (label, record) in enumerate(series):
         values = stage_values(record, metric, key, positive=log)
         if values is None or np.isnan(values).all():
             continue
-        ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=label)
+        ax.plot(positions(record, relative), values, marker="o", markersize=3, color=f"C{index}", label=label)
         drawn = True
     ax.set_title(title, fontsize=10)
     if log and drawn:
@@ -79,34 +94,54 @@ def _curve_panel(ax: Any, series: Series, metric: str, key: str, title: str, log
     return drawn
 
 
-def _legend(figure: Figure, axes: list[Any], series: Series) -> None:
-    if len(series) > 1 or series[0][0]:
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            figure.legend(handles, labels, loc="upper right", fontsize=8, ncols=min(len(handles), 4))
+def _legend(figure: Figure, axes: list[Any], series: Series, extra: Sequence[Any] = ()) -> None:
+    """One legend for the figure, below its panels (never over a title or a curve)."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = [*handles, *extra], [*labels, *(artist.get_label() for artist in extra)]
+    if not handles or (len(series) == 1 and not series[0][0] and not extra):
+        return
+    columns = min(len(handles), 4)
+    rows = -(-len(handles) // columns)
+    inches = figure.get_figheight()
+    figure.subplots_adjust(bottom=figure.subplotpars.bottom + (0.1 + 0.18 * rows) / inches)
+    figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.01), fontsize=8, ncols=columns,
+                  frameon=False)
 
 
-def _mark_phases(ax: Any, record: Mapping[str, Any], color: str, first: bool) -> None:
-    marks = phase_indices(record)
-    if marks["plateau_start"] is not None:
-        ax.axvspan(marks["plateau_start"] - 0.2, marks["plateau_end"] + 0.2, color=color, alpha=0.12,
-                   label="plateau" if first else None)
-    if marks["cliff_end"] is not None:
-        ax.axvline(marks["cliff_end"], color=color, linestyle=":", label="cliff end" if first else None)
-    if marks["climb_start"] is not None:
-        ax.axvline(marks["climb_start"], color=color, linestyle="--", label="climb start" if first else None)
+def _mark_phases(ax: Any, series: Series) -> list[Any]:
+    """Each record's plateau as a bar of its colour in its own row along the bottom (bands of several runs
+    never stack), its cliff end (▼) and climb start (▲) on its curve; the legend's phase entries."""
+    relative = relative_depth(series)
+    low, high = ax.get_ylim()
+    row_height = 0.07 * (high - low)
+    ticks = [tick for tick in ax.get_yticks() if low <= tick <= high]  # no value ticks beside the strip
+    ax.set_ylim(low - row_height * (len(series) + 0.5), high)  # a strip below the curves, a row per run
+    ax.set_yticks(ticks)
+    for index, (_, record) in enumerate(series):
+        marks, x = phase_indices(record), positions(record, relative)
+        values = stage_values(record, "token_similarity", "centered")
+        color = f"C{index}"
+        if marks["plateau_start"] is not None and marks["plateau_end"] is not None:
+            row = low - row_height * (index + 0.75)
+            ax.plot([x[marks["plateau_start"]], x[marks["plateau_end"]]], [row, row], color=color, linewidth=4,
+                    solid_capstyle="butt", alpha=0.85)
+        for name, marker in (("cliff_end", "v"), ("climb_start", "^")):
+            if marks[name] is not None and values is not None:
+                ax.plot(x[marks[name]], values[marks[name]], marker, color=color, markersize=9,
+                        markeredgecolor="black", zorder=5)
+    return [Line2D([], [], color="grey", linewidth=4, label="plateau (one row per run)"),
+            Line2D([], [], marker="v", linestyle="", color="grey", markeredgecolor="black", label="cliff end"),
+            Line2D([], [], marker="^", linestyle="", color="grey", markeredgecolor="black", label="climb start")]
 
 
 def phase_curve_figure(series: Series, *, dpi: int = 100) -> Figure:
     """Centered token similarity with the detected cliff end, plateau and climb start; raw similarity."""
     figure, (centered, raw) = new_figure(2, dpi=dpi)
     _curve_panel(centered, series, "token_similarity", "centered", "centered token similarity S_c")
-    for index, (_, record) in enumerate(series):
-        _mark_phases(centered, record, f"C{index}", first=index == 0)
+    phase_marks = _mark_phases(centered, series)
     centered.axhline(0, color="grey", linewidth=0.6)
-    centered.legend(fontsize=7, loc="best")
     _curve_panel(raw, series, "token_similarity", "raw", "raw token similarity S")
-    _legend(figure, [raw], series)
+    _legend(figure, [centered], series, phase_marks)
     return figure
 
 
@@ -118,7 +153,7 @@ def isi_figure(series: Series, *, dpi: int = 100) -> Figure:
         for key, style in (("r2_self", "-"), ("r2_all", "--")):
             values = stage_values(record, "isi", key)
             if values is not None:
-                axes[1].plot(np.arange(len(values)), values, style, marker="o", markersize=3, color=f"C{index}",
+                axes[1].plot(positions(record, relative_depth(series)), values, style, marker="o", markersize=3, color=f"C{index}",
                              label=f"{label} {key}".strip() if index == 0 or key == "r2_self" else None)
     axes[1].set_title("held-out R² (solid: self-only, dashed: all tokens)", fontsize=10)
     _stage_axis(axes[1], series)
@@ -175,7 +210,7 @@ def plasticity_figure(series: Series, *, dpi: int = 100) -> Figure:
         label, record = series[0]
         for index, key in enumerate(components):
             values = stage_values(record, "plasticity", key)
-            ax.plot(np.arange(len(values)), values, marker="o", markersize=3, color=f"C{index}", label=key)
+            ax.plot(positions(record, False), values, marker="o", markersize=3, color=f"C{index}", label=key)
         ax.set_title("plasticity ‖f(X) − f(Y)‖ / ‖X − Y‖ per component" + (f" ({label})" if label else ""),
                      fontsize=10)
         ax.set_yscale("log")

@@ -23,11 +23,7 @@ from diagnostics.streaming import ProbeBatch, StreamingMetric, _reduce_buckets, 
 from diagnostics.suite import DiagnosticsSetupError, DiagnosticsWarning, check_config, load_probe
 from diagnostics.tensorboard_logging import (
     STAGE_REGEX,
-    custom_scalars_layout,
-    grad_norm_scalars,
     quantity_name,
-    stage_scalars,
-    stage_tag,
     summary_scalars,
 )
 from diagnostics.token_similarity import TokenSimilarity
@@ -89,29 +85,18 @@ def test_read_and_final_record_round_trip(tmp_path):
     assert stages == STAGES and steps == [10, 20] and matrix[3] == [0.003, 0.003]
 
 
-def test_tensorboard_names_sort_and_group():
-    assert [stage_tag(s, 12) for s in ("embed", "block_7", "block_12", "norm")] == [
-        "embed", "block_07", "block_12", "norm"]
-    assert stage_tag("block_7", 100) == "block_007" and stage_tag("block_7", 6) == "block_07"
+def test_tensorboard_quantity_names_and_summaries():
     assert [quantity_name(m, k) for m, k in (("token_similarity", "centered"), ("isi", "isi"), ("isi", "r2_self"),
                                              ("attention", "consensus"), ("neural_collapse", "nc1"),
                                              ("neural_collapse", "logit_margin"), ("plasticity", "MHA"))] == [
         "token_sim_centered", "isi", "isi_r2_self", "attn_consensus", "nc1", "nc_logit_margin", "plasticity_MHA"]
     record = build_record(fake_results(), STAGES, step=1, epoch=0.0, model="ema", trigger="every_steps",
                           probe_size=8, num_processes=1, elapsed_s=0.5)
-    scalars = stage_scalars(record)
-    assert scalars["depth_ema/token_sim_centered/block_01"] == -0.003 and "depth_ema/attn_consensus/embed" not in scalars
     summary = summary_scalars(record)
     assert summary["depth_ema/phase/cliff_end"] == 1 and summary["depth_ema/phase/climb_start"] == 3
     assert summary["depth_ema/isi/max"] == 0.004 and summary["depth_ema/isi/argmax"] == 4
     assert summary["depth_ema/attn/consensus_last"] == 0.6 and summary["depth_ema/probe/top1"] == 87.5
     assert not any(math.isnan(v) for v in summary.values()) and "depth_ema/nc/nc1_final" not in summary
-    assert grad_norm_scalars({"MHA": {"block_3": 2.0, "block_4": None}}, 12) == {"depth/grad_norm_MHA/block_03": 2.0}
-    layout = custom_scalars_layout(["token_similarity", "isi", "grad_norms"], ["raw", "ema"])
-    assert list(layout) == ["depth: per stage (raw weights)", "depth_ema: per stage (ema weights)",
-                            "depth: gradient norms per block"]
-    regex = re.compile(layout["depth: per stage (raw weights)"]["isi_r2_self"][1][0])
-    assert regex.match("depth/isi_r2_self/block_03") and not regex.match("depth_ema/isi_r2_self/block_03")
     assert not re.compile(f"depth/isi/{STAGE_REGEX}").match("depth/isi/argmax")
 
 
@@ -199,3 +184,44 @@ def test_streaming_protocol_fixes():
         "token_similarity", "token_similarity_cls"}
     sums = {"a": torch.zeros(100), "b": torch.zeros(100), "c": torch.zeros(300), "d": torch.zeros(10)}
     assert _reduce_buckets(sums, bucket_bytes=8 * 200) == [["a", "b"], ["c"], ["d"]]  # a sum over the limit alone
+
+
+def _mixed_depth_series():
+    def record(depth, plateau_end):
+        stages = ["embed", "pe", *[f"block_{i}" for i in range(1, depth + 1)], "norm"]
+        centered = [0.02, -0.003, *[0.0] * (depth - 2), 0.03, 0.05, 0.06]
+        return {"stages": stages, "token_similarity": {"centered": centered, "raw": [c + 0.1 for c in centered]},
+                "phases": {"cliff_end": "pe", "plateau_start": "pe", "plateau_end": plateau_end,
+                           "climb_start": f"block_{depth - 1}"}}
+
+    return [("ViT-B", record(12, "block_10")), ("ViT-L", record(24, "block_22")), ("ViT-S", record(12, "block_9"))]
+
+
+def test_phase_curves_keep_the_legend_off_the_titles_plateaus_apart_and_align_mixed_depths():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from diagnostics.plots import phase_curve_figure
+
+    figure = phase_curve_figure(_mixed_depth_series(), dpi=60)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    (legend,) = figure.legends
+    box = legend.get_window_extent(renderer)
+    for ax in figure.axes:  # what a reader sees: no legend over a title or inside a panel
+        assert not box.overlaps(ax.title.get_window_extent(renderer)) and not box.overlaps(ax.get_window_extent())
+    centered = figure.axes[0]
+    bars = [line for line in centered.get_lines() if line.get_linewidth() == 4]
+    assert len(bars) == 3 and len({line.get_ydata()[0] for line in bars}) == 3  # one row per run, none stacked
+    assert all(line.get_alpha() < 1 for line in bars) and not centered.patches  # no translucent bands piling up
+    curves = [line for line in centered.get_lines() if line.get_label() in ("ViT-B", "ViT-L")]
+    assert [line.get_xdata()[-1] for line in curves] == [1.0, 1.0]  # both end at norm: relative depth
+    assert centered.get_xlabel() == "relative depth (0 = embed, 1 = norm)"
+    assert {t.get_text() for t in legend.get_texts()} >= {"ViT-B", "ViT-L", "ViT-S", "cliff end", "climb start"}
+
+
+def test_accuracy_curves_tick_whole_epochs():
+    from tools.report_plots import AccuracyCurve, accuracy_figure
+
+    figure = accuracy_figure([AccuracyCurve("a", [0.5, 1.0, 1.5, 2.0, 2.5], [10, 20, 30, 40, 50], None, 0)])
+    ticks = figure.axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)

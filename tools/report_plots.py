@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from diagnostics.plots import new_figure, stage_step_heatmap
 from diagnostics.records import phase_indices
@@ -44,6 +45,7 @@ def accuracy_figure(curves: Sequence[AccuracyCurve]) -> Figure:
         if curve.top1_ema:
             ax.plot(curve.epochs, curve.top1_ema, color=f"C{curve.color % 10}", linewidth=1.0, linestyle="--")
     ax.set_xlabel("epoch", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, not 2.5
     ax.set_ylabel("top-1 (%), EMA dashed", fontsize=8)
     ax.set_title("evaluation accuracy", fontsize=10)
     ax.grid(alpha=0.3)
