@@ -6,12 +6,18 @@ linearly reconstructed from *all* patch tokens at stage ℓ than from each token
 - Self-only, per position i:        h_i → e_i           (D inputs)
 - All-to-all "nested" (default):    [h_i ; g(H)] → e_i  (D + r inputs), g(H) = the top-r principal
   components of the whole flattened token set vec(H) ∈ R^{N·D}, fitted on the training images.
-  It contains the self-only inputs, so ISI ≈ 0 when nothing is scrambled.
+  It contains the self-only inputs, so ISI ≈ 0 when nothing is scrambled. Fitted (`nested_fit`)
+  as "residual" (default): the self-only map first, then g(H) on its residual with a penalty of
+  its own chosen on validation from the grid and ∞ (= drop g(H), ISI exactly 0), so R²_all can
+  never fall below R²_self on validation and ISI is not biased down at small probe sets; or
+  "joint": one penalty for both blocks, biased down when training images are few against D + r
+  (`diagnostics.isi_regressions`; measured in tools/benchmark_isi_bias.py).
 - All-to-all "literal" (option):    vec(H) → vec(E) in the dual (`diagnostics.isi_literal`).
 
 Regressions are ridge (scikit-learn `Ridge(fit_intercept=True)` semantics, `diagnostics.ridge`),
-α = c · tr(Cxx)/p with c from `ridge_grid`, chosen per stage and per regression type by pooled
-R² of a fit on the *fit* group scored on the *validation* group; then refit on fit + validation
+α = c · tr(Cxx)/p with c from `ridge_grid` (the residual block: c_g · tr(S)/r, c_g from `ridge_grid`
+∪ {∞}, S the covariance of g(H) left after partialling out h_i), chosen per stage and per regression
+type by pooled R² of a fit on the *fit* group scored on the *validation* group; then refit on fit + validation
 (the training images) and scored by held-out R² = 1 − ΣSSE/ΣSST pooled over positions and
 dimensions on the *test* group. Groups come from a seeded hash of each image's key
 (`diagnostics.image_split`): `holdout_fraction` of the images are test, `validation_fraction`
@@ -26,15 +32,16 @@ Memory. Per stage, during its regression pass, with G = 3 groups, p = N·D, k = 
 (k ≤ p), float64 (`isi_stage_bytes`):
     nested   8·G·(2·N·D² + 2·N·D·k + k² + 3·N·D + k + 2)  +  8·(p·k + p)   (sums + basis, mean)
     literal  8·G·(2·N·D² + 3·N·D + 1)                       + host: 4·n·p per stage and for E
-and ×2 for the sums in multi-process runs (the all-reduce packs them into one buffer). A stage in
+and, once in multi-process runs, one all-reduce bucket (`isi_reduce_bytes`: the all-reduce packs the
+sums into buckets of at most 1 GiB, or one larger sum alone, and frees each before the next). A stage in
 its range or power pass holds at most 8·(2·p·k + p) (`isi_sketch_bytes`), and Ω (8·p·k) is held
 once. Not counted: the model and its activations, and per-batch temporaries (one N·D² float64
 product, 0.92 GB for ViT-B). ViT-B/16 (N = 196, D = 768, r = 256, k = 272): 7.86 GB per stage
-(the self-only sums alone 5.56 GB), 110 GB for all 14 stages at once. `memory_budget_bytes`
+(the self-only sums alone 5.56 GB), 118 GB for all 15 stages (embed … norm) at once. `memory_budget_bytes`
 therefore splits the stages into consecutive groups and pipelines them (group g+1 sketches while
 group g regresses): each stage is budgeted at its regression bytes plus one sketch for every
-range/power phase (9.17 GB for ViT-B), so 32 GB gives 3 stages per group, 5 groups, and
-G_s groups cost G_s + 1 + pca_power_iterations passes (7 here). The number of probe images
+range/power phase (9.17 GB for ViT-B), so 32 GiB gives 3 stages per group, 5 groups, and
+G_s groups cost G_s + 1 + pca_power_iterations passes (7 here, on one process or on eight). The number of probe images
 does not enter (except for `literal`).
 """
 
@@ -51,9 +58,9 @@ from diagnostics.capture import EMBED, Stage, patch_tokens, stage_names, unwrap_
 from diagnostics.distributed import world_size
 from diagnostics.image_split import GROUP_NAMES, TEST, image_keys, split_groups
 from diagnostics.isi_literal import HeldFeatures, literal_all_r2
-from diagnostics.isi_regressions import stage_regression_scores
+from diagnostics.isi_regressions import NESTED_FITS, stage_regression_scores
 from diagnostics.ridge import DEFAULT_RIDGE_GRID
-from diagnostics.streaming import ProbeBatch, StreamingMetric, ordered_stages
+from diagnostics.streaming import REDUCE_BUCKET_BYTES, ProbeBatch, StreamingMetric, ordered_stages
 from diagnostics.streaming_pca import centered_range_sketch, gaussian_test_matrix, orthonormal_basis
 
 ISI_VARIANTS = ("nested", "literal")
@@ -61,15 +68,23 @@ _TARGETS = "targets"
 
 
 def isi_stage_bytes(num_patches: int, dim: int, *, variant: str = "nested", pca_rank: int = 256,
-                    pca_oversample: int = 16, processes: int = 1) -> int:
+                    pca_oversample: int = 16) -> int:
     """Bytes one stage holds on the device during its regression pass (see the module docstring)."""
     n, d, groups = num_patches, dim, len(GROUP_NAMES)
-    reduce_copy = 2 if processes > 1 else 1
     if variant == "literal":
-        return 8 * groups * (2 * n * d * d + 3 * n * d + 1) * reduce_copy
+        return 8 * groups * (2 * n * d * d + 3 * n * d + 1)
     k = min(pca_rank + pca_oversample, n * d)
     sums = 8 * groups * (2 * n * d * d + 2 * n * d * k + k * k + 3 * n * d + k + 2)  # + count, sq_dev
-    return sums * reduce_copy + 8 * (n * d * k + n * d)
+    return sums + 8 * (n * d * k + n * d)
+
+
+def isi_reduce_bytes(num_patches: int, dim: int, processes: int) -> int:
+    """Extra bytes of one all-reduce in a multi-process run: one packed bucket (0 on one process).
+
+    `StreamingMetric.all_reduce` packs the sums into buckets of at most REDUCE_BUCKET_BYTES (a larger
+    single sum travels alone: Σhhᵀ of one group, 8·N·D²) and frees each bucket before packing the next.
+    """
+    return 0 if processes <= 1 else max(REDUCE_BUCKET_BYTES, 8 * num_patches * dim * dim)
 
 
 def isi_sketch_bytes(num_patches: int, dim: int, *, pca_rank: int = 256, pca_oversample: int = 16) -> int:
@@ -104,9 +119,12 @@ class ScramblingIndex(StreamingMetric):
                  pca_oversample: int = 16, pca_power_iterations: int = 1, holdout_fraction: float = 0.2,
                  validation_fraction: float = 0.2, seed: int = 0,
                  ridge_grid: Sequence[float] = DEFAULT_RIDGE_GRID, stages: Sequence[str] | None = None,
-                 memory_budget_bytes: int | None = None, position_chunk: int = 8) -> None:
+                 memory_budget_bytes: int | None = None, position_chunk: int = 8,
+                 nested_fit: str = "residual") -> None:
         if variant not in ISI_VARIANTS:
             raise ValueError(f"isi variant = {variant!r}: expected one of {', '.join(ISI_VARIANTS)}")
+        if nested_fit not in NESTED_FITS:
+            raise ValueError(f"isi nested_fit = {nested_fit!r}: expected one of {', '.join(NESTED_FITS)}")
         for label, value in (("pca_rank", pca_rank), ("position_chunk", position_chunk)):
             if value < 1:
                 raise ValueError(f"isi {label} = {value} must be >= 1")
@@ -124,19 +142,20 @@ class ScramblingIndex(StreamingMetric):
             raise ValueError(f"isi stages {unknown} are not stages of this model ({', '.join(known)})")
         self.variant, self.seed, self.ridge_grid = variant, seed, tuple(float(c) for c in ridge_grid)
         self.holdout_fraction, self.validation_fraction = holdout_fraction, validation_fraction
-        self.pca_rank, self.position_chunk = pca_rank, position_chunk
+        self.pca_rank, self.position_chunk, self.nested_fit = pca_rank, position_chunk, nested_fit
         self.sketch_width = min(pca_rank + pca_oversample, self.num_patches * self.dim)
         self.phases = ("regression",) if variant == "literal" else (
             ("sketch",) + ("power",) * pca_power_iterations + ("regression",))
         self.stage_bytes = isi_stage_bytes(self.num_patches, self.dim, variant=variant, pca_rank=pca_rank,
-                                           pca_oversample=pca_oversample, processes=world_size())
+                                           pca_oversample=pca_oversample)
+        reduce_bytes = isi_reduce_bytes(self.num_patches, self.dim, world_size())
         sketches = len(self.phases) - 1
         sketch_bytes = isi_sketch_bytes(self.num_patches, self.dim, pca_rank=pca_rank,
                                         pca_oversample=pca_oversample)
         omega_bytes = 8 * self.num_patches * self.dim * self.sketch_width if sketches else 0
         self.stage_groups = plan_stage_groups(
             chosen, self.stage_bytes + sketches * sketch_bytes,
-            None if memory_budget_bytes is None else memory_budget_bytes - omega_bytes)
+            None if memory_budget_bytes is None else memory_budget_bytes - omega_bytes - reduce_bytes)
         self._group_of = {stage: i for i, group in enumerate(self.stage_groups) for stage in group}
         self.num_passes = len(self.stage_groups) + len(self.phases) - 1
         super().__init__()
@@ -148,7 +167,8 @@ class ScramblingIndex(StreamingMetric):
         return cls(model, variant=cfg.isi_variant, pca_rank=cfg.isi_pca_rank, pca_oversample=cfg.isi_pca_oversample,
                    pca_power_iterations=cfg.isi_pca_power_iterations, holdout_fraction=cfg.isi_holdout_fraction,
                    validation_fraction=cfg.isi_validation_fraction, seed=cfg.isi_seed, ridge_grid=cfg.isi_ridge_grid,
-                   stages=cfg.isi_stages or None, memory_budget_bytes=budget)
+                   stages=cfg.isi_stages or None, memory_budget_bytes=budget,
+                   nested_fit=cfg.isi_nested_fit)
 
     def reset(self) -> None:
         super().reset()
@@ -195,8 +215,10 @@ class ScramblingIndex(StreamingMetric):
             self._held.gather()
 
     def compute(self) -> dict[str, Any]:
-        """`{stage: {isi, r2_self, r2_all, ridge_multiplier_self, ridge_multiplier_all, pca_rank,
-        pca_explained_variance, num_train_images, num_test_images, variant}}` in stage order."""
+        """`{stage: {isi, r2_self, r2_all, ridge_multiplier_self, ridge_multiplier_all, ridge_multiplier_residual,
+        pca_rank, pca_explained_variance, num_train_images, num_test_images, variant, nested_fit}}` in stage
+        order. `ridge_multiplier_residual` is the residual fit's c_g (∞: g(H) dropped, ISI = 0 exactly;
+        None for the joint fit and the literal variant); `nested_fit` is None for the literal variant."""
         if self._pass is None:
             raise RuntimeError("ISI saw no probe batches")
         if self._pass < self.num_passes - 1:
@@ -300,13 +322,14 @@ class ScramblingIndex(StreamingMetric):
         sums = {key[len(prefix):]: value for key, value in self.sums().items() if key.startswith(prefix)}
         scores = stage_regression_scores(sums, nested=self.variant == "nested", pca_rank=self.pca_rank,
                                          grid=self.ridge_grid, position_chunk=self.position_chunk,
-                                         stage=stage)
+                                         stage=stage, nested_fit=self.nested_fit)
         if self.variant == "literal":
             device = next(iter(sums.values())).device
             r2_all, multiplier_all, _ = literal_all_r2(self._held, stage, _TARGETS, self.ridge_grid, device)
             scores.update(r2_all=r2_all, ridge_multiplier_all=multiplier_all)
         scores["isi"] = scores["r2_all"] - scores["r2_self"]
         scores["variant"] = self.variant
+        scores["nested_fit"] = self.nested_fit if self.variant == "nested" else None
         return {key: scores[key] for key in (
-            "isi", "r2_self", "r2_all", "ridge_multiplier_self", "ridge_multiplier_all", "pca_rank",
-            "pca_explained_variance", "num_train_images", "num_test_images", "variant")}
+            "isi", "r2_self", "r2_all", "ridge_multiplier_self", "ridge_multiplier_all", "ridge_multiplier_residual",
+            "pca_rank", "pca_explained_variance", "num_train_images", "num_test_images", "variant", "nested_fit")}

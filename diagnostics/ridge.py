@@ -20,6 +20,10 @@ cancellation than raw second moments):
 and R² = 1 − ΣSSE / ΣSST pooled over all leading indices and outputs, which is scikit-learn's
 `r2_score(y, ŷ, multioutput="variance_weighted")` over the flattened outputs.
 
+Two-block ridge (`two_block_sse_change`): features x = [x₁ ; x₂] with a penalty of each block's
+own, α₁‖W₁‖² + α₂‖W₂‖², α₂ = ∞ allowed (then W₂ = 0 and the fit is the x₁-only ridge). This is the
+nested ISI regression: x₁ = h_i (the token itself), x₂ = g(H) (the whole token set).
+
 Kernel (dual) ridge on held features, for regressions with more features than samples, is at
 the end (`kernel_heldout_sse`); it gives the same W as the primal form.
 """
@@ -85,8 +89,7 @@ def centered(sums: RegressionSums) -> CenteredMoments:
 
 def ridge_penalty_scale(moments: CenteredMoments) -> torch.Tensor:
     """tr(Cxx)/p per leading index (1 where the features are constant, so α stays positive)."""
-    scale = torch.diagonal(moments.cxx, dim1=-2, dim2=-1).sum(-1) / moments.cxx.shape[-1]
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return _mean_variance(moments.cxx)
 
 
 def ridge_weights(train: RegressionSums, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +129,85 @@ def heldout_sse(train: RegressionSums, test: RegressionSums, multipliers: Sequen
         sse = sst - 2.0 * (d * linear).sum(-1) + quad + te.count * offset.square().sum(-1)
         out.append(sse.clamp_min(0.0))
     return torch.stack(out, dim=-1)
+
+
+def _mean_variance(cxx: torch.Tensor) -> torch.Tensor:
+    """tr(C)/p per leading index, 1 where it is 0."""
+    scale = torch.diagonal(cxx, dim1=-2, dim2=-1).sum(-1) / cxx.shape[-1]
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int, first_multiplier: float,
+                         multipliers: Sequence[float]) -> torch.Tensor:
+    """Test SSE of two-block ridge fits minus that of the first block alone, (..., len(multipliers)).
+
+    Features x = [x₁ (the first `split`) ; x₂ (the rest)]; the fit on `train` minimises
+    ‖Yc − X₁W₁ − X₂W₂‖² + α₁‖W₁‖² + α₂‖W₂‖² (centred, intercept unpenalised) with
+    α₁ = first_multiplier · tr(C₁₁)/p₁ and α₂ = c · tr(S)/p₂ for each c in `multipliers` (∞ allowed).
+    Eliminating W₁ (A = C₁₁ + α₁I, W_s = A⁻¹C₁y the first-block-only ridge, P = A⁻¹C₁₂):
+
+        S = C₂₂ − C₂₁P                 (the x₂ covariance left after ridge-partialling out x₁)
+        W₂ = (S + α₂I)⁻¹(C₂y − C₂₁W_s)  (x₂ fitted to the residual of the first-block fit)
+        W₁ = W_s − P W₂
+
+    so α₂ = ∞ gives W₂ = 0, W₁ = W_s exactly, and the change is exactly 0. With S = UΛUᵀ,
+    W = [W_s ; 0] + K·diag(d)·T with K = [−PU ; U], T = Uᵀ(C₂y − C₂₁W_s), d = 1/(λ + α₂): the change
+    in SSE (`heldout_sse`'s expansion) is −2 dᵀℓ + dᵀ((KᵀC′K + n′kkᵀ) ∘ TTᵀ)d with
+    ℓ = rows of T ∘ Kᵀ(C′xy − C′xx[W_s ; 0]) summed + n′ k ∘ T(δy − W_sᵀδx₁) and k = Kᵀδx,
+    C′ the test group's centred moments and δ its mean shift: O(p²p₂) per leading index for the
+    whole grid.
+    """
+    tr, te = centered(train), centered(test)
+    s = split
+    c11, c12, c22 = tr.cxx[..., :s, :s], tr.cxx[..., :s, s:], tr.cxx[..., s:, s:]
+    alpha1 = first_multiplier * _mean_variance(c11)
+    eye = torch.eye(s, dtype=c11.dtype, device=c11.device)
+    solved = torch.linalg.solve(c11 + alpha1[..., None, None] * eye, torch.cat([tr.cxy[..., :s, :], c12], -1))
+    w_self, partial = solved[..., :tr.cxy.shape[-1]], solved[..., tr.cxy.shape[-1]:]  # W_s (.., p₁, q), P
+    schur = c22 - c12.transpose(-2, -1) @ partial
+    schur = 0.5 * (schur + schur.transpose(-2, -1))
+    residual_cov = tr.cxy[..., s:, :] - c12.transpose(-2, -1) @ w_self  # C₂y − C₂₁W_s (.., p₂, q)
+    evals, evecs = torch.linalg.eigh(schur)
+    evals = evals.clamp_min(0.0)
+    scale = _mean_variance(schur).unsqueeze(-1)
+    rotated = evecs.transpose(-2, -1) @ residual_cov  # T (.., p₂, q)
+    k_matrix = torch.cat([-partial @ evecs, evecs], -2)  # K (.., p, p₂)
+    k_t = k_matrix.transpose(-2, -1)
+    base_weights = torch.cat([w_self, torch.zeros_like(residual_cov)], -2)  # [W_s ; 0] (.., p, q)
+    k_delta = (k_t @ (te.mean_x - tr.mean_x).unsqueeze(-1)).squeeze(-1)  # (.., p₂)
+    base_offset = (te.mean_y - tr.mean_y) - ((te.mean_x[..., :s] - tr.mean_x[..., :s]).unsqueeze(-2)
+                                             @ w_self).squeeze(-2)  # (.., q)
+    outer = rotated @ rotated.transpose(-2, -1)  # TTᵀ
+    quadratic = (k_t @ te.cxx @ k_matrix + te.count * k_delta.unsqueeze(-1) * k_delta.unsqueeze(-2)) * outer
+    linear = (rotated * (k_t @ (te.cxy - te.cxx @ base_weights))).sum(-1)
+    linear = linear + te.count * k_delta * (rotated @ base_offset.unsqueeze(-1)).squeeze(-1)
+    out = []
+    for multiplier in multipliers:
+        d = 1.0 / (evals + multiplier * scale)  # 0 for an infinite multiplier
+        quad = ((d.unsqueeze(-2) @ quadratic) @ d.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+        out.append(quad - 2.0 * (d * linear).sum(-1))
+    return torch.stack(out, dim=-1)
+
+
+def two_block_ridge_weights(train: RegressionSums, split: int, first_multiplier: float,
+                            second_multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (..., p, q) and b (..., q) of the two-block ridge fit of `two_block_sse_change` (direct solve)."""
+    m = centered(train)
+    s = split
+    alpha1 = first_multiplier * _mean_variance(m.cxx[..., :s, :s])
+    eye1 = torch.eye(s, dtype=m.cxx.dtype, device=m.cxx.device)
+    partial = torch.linalg.solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxx[..., :s, s:])
+    schur = m.cxx[..., s:, s:] - m.cxx[..., s:, :s] @ partial
+    alpha2 = second_multiplier * _mean_variance(schur)
+    penalty = torch.cat([alpha1.unsqueeze(-1).expand(*alpha1.shape, s),
+                         alpha2.unsqueeze(-1).expand(*alpha2.shape, m.cxx.shape[-1] - s)], -1)
+    if second_multiplier == float("inf"):
+        weights = torch.linalg.solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxy[..., :s, :])
+        weights = torch.cat([weights, torch.zeros_like(m.cxy[..., s:, :])], -2)
+    else:
+        weights = torch.linalg.solve(m.cxx + torch.diag_embed(penalty), m.cxy)
+    intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
+    return weights, intercept
 
 
 def total_sum_of_squares(sums: RegressionSums) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from diagnostics.capture import NORM, Stage, stage_names, unwrap_model
 from diagnostics.isi import ScramblingIndex
-from diagnostics.isi_regressions import PER_POSITION_WELL_POSED_RATIO
+from diagnostics.isi_regressions import WELL_POSED_RATIO
 from diagnostics.phases import phases_from_similarity
 from diagnostics.plasticity import Plasticity, draw_pairs
 from diagnostics.registry import METRICS
@@ -88,9 +88,10 @@ def check_config(cfg: Any, model: nn.Module, where: str = "diagnostics") -> None
     # the rule ISI itself warns by (diagnostics/isi_regressions.py), checked before any training step
     train_images = cfg.probe_size * (1 - cfg.isi_holdout_fraction)
     inputs = isi.dim + (min(cfg.isi_pca_rank, isi.sketch_width) if cfg.isi_variant == "nested" else 0)
-    if cfg.isi_variant == "nested" and train_images < PER_POSITION_WELL_POSED_RATIO * inputs:
+    ratio = WELL_POSED_RATIO.get(cfg.isi_nested_fit)
+    if cfg.isi_variant == "nested" and train_images < ratio * inputs:
         warnings.warn(f"{where}: ISI would fit each position's ridge on about {train_images:.0f} probe images for "
-                      f"{inputs} inputs (D + isi_pca_rank), fewer than {PER_POSITION_WELL_POSED_RATIO}x as many, so "
+                      f"{inputs} inputs (D + isi_pca_rank), fewer than {ratio:g}x as many, so "
                       f"R² and ISI are biased; raise {where}.probe_size or lower {where}.isi_pca_rank",
                       DiagnosticsWarning, stacklevel=2)
 

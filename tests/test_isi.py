@@ -19,7 +19,13 @@ from sklearn.metrics import r2_score
 
 from diagnostics.capture import EMBED, Stage, capture
 from diagnostics.image_split import FIT, TEST, VALIDATION, content_keys, image_keys, split_groups
-from diagnostics.isi import ScramblingIndex, isi_sketch_bytes, isi_stage_bytes, plan_stage_groups
+from diagnostics.isi import (
+    ScramblingIndex,
+    isi_reduce_bytes,
+    isi_sketch_bytes,
+    isi_stage_bytes,
+    plan_stage_groups,
+)
 from diagnostics.neural_collapse import NeuralCollapse
 from diagnostics.plasticity import Plasticity
 from diagnostics.ridge import (
@@ -31,6 +37,8 @@ from diagnostics.ridge import (
     ridge_penalty_scale,
     ridge_weights,
     total_sum_of_squares,
+    two_block_ridge_weights,
+    two_block_sse_change,
 )
 from diagnostics.streaming import ProbeBatch, run_probe
 from diagnostics.streaming_pca import (
@@ -95,6 +103,50 @@ def test_heldout_r2_from_sums_matches_sklearn_ridge(seed, features, outputs, sam
                                rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(intercept[0].numpy(), np.reshape(reference.intercept_, outputs),
                                rtol=1e-6, atol=1e-7)
+
+
+def sklearn_two_block_predict(x, y, x_test, split, multiplier_self, multiplier_residual):
+    """sklearn Ridge with a penalty per block: α₁ = c₁·tr(C₁₁)/p₁ on x[:split], α₂ = c₂·tr(S)/p₂ on the rest
+    (S = C₂₂ − C₂₁(C₁₁ + α₁I)⁻¹C₁₂), as Ridge(alpha=1) on the features scaled by 1/√α; c₂ = ∞: first block only."""
+    centered_x = x - x.mean(0)
+    first, second = centered_x[:, :split], centered_x[:, split:]
+    alpha_self = multiplier_self * (first ** 2).sum() / split
+    if multiplier_residual == math.inf:
+        return Ridge(alpha=alpha_self).fit(x[:, :split], y).predict(x_test[:, :split])
+    cross = first.T @ second
+    schur = second.T @ second - cross.T @ np.linalg.solve(first.T @ first + alpha_self * np.eye(split), cross)
+    alpha_residual = multiplier_residual * np.trace(schur) / (x.shape[1] - split)
+    scale = np.r_[np.full(split, alpha_self ** -0.5), np.full(x.shape[1] - split, alpha_residual ** -0.5)]
+    return Ridge(alpha=1.0).fit(x * scale, y).predict(x_test * scale)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), split=st.integers(1, 6), rest=st.integers(1, 8), outputs=st.integers(1, 4),
+       samples=st.integers(4, 30), offset=st.floats(-20, 20))
+def test_two_block_ridge_from_sums_matches_sklearn_ridge(seed, split, rest, outputs, samples, offset):
+    rng = np.random.default_rng(seed)
+    features = split + rest
+    x = rng.normal(size=(samples, 2, features)) + offset
+    y = x[..., :1] * rng.normal(size=outputs) + x @ rng.normal(size=(features, outputs)) + rng.normal(
+        size=(samples, 2, outputs))
+    x_test = rng.normal(size=(7, 2, features)) + offset
+    y_test = x_test @ rng.normal(size=(features, outputs)) + rng.normal(size=(7, 2, outputs))
+    train = RegressionSums.from_samples(torch.tensor(x), torch.tensor(y))
+    test = RegressionSums.from_samples(torch.tensor(x_test), torch.tensor(y_test))
+    first = [RegressionSums(s.count, s.sum_x[..., :split], s.sum_y, s.xx[..., :split, :split], s.xy[..., :split, :],
+                            s.yy) for s in (train, test)]
+    multiplier_self, multipliers = 0.05, [math.inf, 1e-3, 0.5, 30.0]
+    sse = heldout_sse(*first, [multiplier_self])[..., 0:1] + two_block_sse_change(
+        train, test, split, multiplier_self, multipliers)
+    for j, multiplier in enumerate(multipliers):
+        weights, intercept = two_block_ridge_weights(train, split, multiplier_self, multiplier)
+        for i in range(2):
+            prediction = sklearn_two_block_predict(x[:, i], y[:, i], x_test[:, i], split, multiplier_self, multiplier)
+            reference = ((y_test[:, i] - prediction.reshape(7, outputs)) ** 2).sum()
+            assert math.isclose(float(sse[i, j]), reference, rel_tol=1e-7, abs_tol=1e-8)
+            ours = x_test[:, i] @ weights[i].numpy() + intercept[i].numpy()
+            np.testing.assert_allclose(ours, prediction.reshape(7, outputs), rtol=1e-6, atol=1e-8)
+    assert (two_block_sse_change(train, test, split, multiplier_self, [math.inf]) == 0).all()  # exactly
 
 
 def test_kernel_ridge_matches_sklearn_primal_ridge():
@@ -176,7 +228,11 @@ def test_image_keys_are_content_or_ids():
 # ---- ISI end to end -------------------------------------------------------------------------------------
 
 def brute_force_isi_stage(model, images, stage, pca_rank, seed=0):
-    """sklearn Ridge per position on the captured tokens; exact PCA (numpy SVD) for the nested inputs."""
+    """sklearn Ridge per position on the captured tokens; exact PCA (numpy SVD) for the nested inputs.
+
+    {"self": (R², c), "joint": (R², c), "residual": (R², c_g)}: the joint fit has one multiplier for
+    [h_i ; g]; the residual fit keeps the self-only c and picks c_g from ∞ + GRID (∞ first on ties).
+    """
     captured = capture(model, images)
     prefix = captured.num_prefix_tokens
     e = captured.stages[EMBED].double().numpy()
@@ -190,26 +246,45 @@ def brute_force_isi_stage(model, images, stage, pca_rank, seed=0):
     pcs = (flat - flat[train].mean(0)) @ vt[:pca_rank].T
     nested = np.concatenate([h, np.repeat(pcs[:, None, :], h.shape[1], axis=1)], axis=2)
     scores = {}
-    for kind, x in (("self", h), ("all", nested)):
+    for kind, x in (("self", h), ("joint", nested)):
         best = max(GRID, key=lambda c: sklearn_pooled_r2(x[fit], e[fit], x[val], e[val], c))
         scores[kind] = (sklearn_pooled_r2(x[train], e[train], x[test], e[test], best), best)
+
+    def two_block_r2(rows, scored, residual):
+        predictions = np.stack([sklearn_two_block_predict(nested[rows, i], e[rows, i], nested[scored, i], h.shape[2],
+                                                          scores["self"][1], residual)
+                                for i in range(h.shape[1])], 1)
+        n = scored.sum()
+        return r2_score(e[scored].reshape(n, -1), predictions.reshape(n, -1), multioutput="variance_weighted")
+
+    validation = [two_block_r2(fit, val, c) for c in (math.inf, *GRID)]
+    best = (math.inf, *GRID)[int(np.argmax(validation))]
+    scores["residual"] = (two_block_r2(train, test, best), best)
     return scores
 
 
-def test_isi_matches_brute_force_sklearn_and_exact_pca():
+@pytest.mark.parametrize("nested_fit", ["residual", "joint"])
+def test_isi_matches_brute_force_sklearn_and_exact_pca(nested_fit):
     model, images = tiny_vit(), smooth_images(300)
     metric = ScramblingIndex(model, pca_rank=6, pca_oversample=1000, ridge_grid=GRID,
-                             stages=["pe", "block_2"])
+                             stages=["pe", "block_2"], nested_fit=nested_fit)
     results = run_probe(model, list(images.split(64)), [metric])["isi"]
     for stage in ("pe", "block_2"):
         reference = brute_force_isi_stage(model, images, stage, pca_rank=6)
         got = results[stage]
         assert math.isclose(got["r2_self"], reference["self"][0], abs_tol=1e-8)
-        assert math.isclose(got["r2_all"], reference["all"][0], abs_tol=1e-8)
+        assert math.isclose(got["r2_all"], reference[nested_fit][0], abs_tol=1e-8)
         assert got["ridge_multiplier_self"] == reference["self"][1]
-        assert got["ridge_multiplier_all"] == reference["all"][1]
-        assert got["isi"] == pytest.approx(reference["all"][0] - reference["self"][0], abs=1e-8)
+        if nested_fit == "joint":
+            assert got["ridge_multiplier_all"] == reference["joint"][1] and got["ridge_multiplier_residual"] is None
+        else:
+            assert got["ridge_multiplier_all"] == reference["self"][1]
+            assert got["ridge_multiplier_residual"] == reference["residual"][1]
+        assert got["isi"] == pytest.approx(reference[nested_fit][0] - reference["self"][0], abs=1e-8)
         assert got["num_train_images"] + got["num_test_images"] == 300
+        assert got["nested_fit"] == nested_fit
+    if nested_fit == "residual":  # block_2 keeps a finite c_g; both paths of the choice are exercised
+        assert results["block_2"]["ridge_multiplier_residual"] < math.inf
 
 
 def test_random_init_vit_reference_nested_isi_is_zero_and_embed_is_exact():
@@ -294,6 +369,23 @@ def test_memory_formula_counts_the_sums_actually_held():
     assert round(vit_b_planned / 1e9, 2) == 9.17
     assert [len(g) for g in plan_stage_groups([f"s{i}" for i in range(14)], vit_b_planned, 32 * 10**9)] == [
         3, 3, 3, 3, 2]
+
+
+@pytest.mark.parametrize("processes", [1, 8])
+def test_vit_b_plan_is_the_same_on_one_process_and_on_eight(monkeypatch, processes):
+    """The all-reduce adds one 1 GiB bucket, not a second copy of every sum: 15 stages, 5 groups, 7 passes."""
+    import timm
+
+    import diagnostics.isi
+    monkeypatch.setattr(diagnostics.isi, "world_size", lambda: processes)
+    with torch.device("meta"):
+        vit_b = timm.create_model("vit_base_patch16_224")
+    metric = ScramblingIndex(vit_b, pca_rank=256, pca_oversample=16, pca_power_iterations=1,
+                             memory_budget_bytes=32 * 2**30)
+    assert sum(len(group) for group in metric.stage_groups) == 15
+    assert [len(group) for group in metric.stage_groups] == [3, 3, 3, 3, 3]
+    assert metric.num_passes == 7
+    assert isi_reduce_bytes(196, 768, processes) == (0 if processes == 1 else 2**30)
 
 
 def run_probe_pass(model, images, metric, pass_index):

@@ -75,6 +75,10 @@ class DataConfig:
     num_workers: int = knob(8, min=0, help="data-loader worker processes per training process")
     pin_memory: bool = knob(True, help="pin host memory for faster host-to-device copies")
     skip_corrupt: bool = knob(False, help="skip (and count) unreadable images instead of stopping")
+    fast_path: bool = knob(
+        True, help="training images leave the loader workers as uint8 (torchvision JPEG decode, reduced DCT decode "
+                   "where the crop allows, torch's antialiased resize); normalisation and random erasing run on the "
+                   "device. Same augmentation draws as the reference transform; false = timm's transform in the workers")
     val_fraction: float | None = knob(
         None, min=0, max=1, min_exclusive=True,
         help="hold out this fraction of the training split, drawn anew for each train.seed, as a validation set "
@@ -128,6 +132,9 @@ class AugmentConfig:
     hflip: float = knob(0.5, min=0, max=1, help="horizontal flip probability")
     color_jitter: float = knob(0.3, min=0, help="colour jitter strength (ignored when auto_augment is set)")
     auto_augment: str | None = knob("rand-m9-mstd0.5-inc1", help="timm auto-augment policy string; null = off")
+    device_augment: bool | None = knob(
+        None, help="data.fast_path: RandAugment (rand-*) ops drawn in the workers, applied to the uint8 batch on the "
+                   "device (Pillow's arithmetic, re-implemented); null = when CUDA is available, false = in the workers")
     reprob: float = knob(0.25, min=0, max=1, help="random erasing probability")
     remode: Literal["pixel", "rand", "const"] = knob("pixel", help="random erasing fill mode")
     recount: int = knob(1, min=1, help="random erasing count")
@@ -221,6 +228,9 @@ class DiagnosticsConfig:
                                          help="OPEN: tau multipliers of the reported tau-sensitivity")
     phase_include_norm: bool = knob(False, help="OPEN: the final norm stage belongs to the phase curve")
     isi_variant: Literal["nested", "literal"] = knob("nested", help="OPEN: all-to-all regression form")
+    isi_nested_fit: Literal["residual", "joint"] = knob(
+        "residual", help="OPEN: nested ISI fit: residual = self-only map, then g(H) on its residual with its own "
+                         "penalty (isi_ridge_grid and inf, chosen on validation); joint = one penalty for both")
     isi_pca_rank: int = knob(256, min=1, help="OPEN: nested ISI, rank of the whole-token-set projection")
     isi_pca_oversample: int = knob(16, min=0, help="nested ISI: extra columns of the randomized range finder")
     isi_pca_power_iterations: int = knob(1, min=0, help="nested ISI: power passes of the range finder")
