@@ -18,18 +18,12 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader
 
 from models.errors import UserError
-from trainer.data import (
-    DataError,
-    build_data,
-    build_eval_transform,
-    build_mixup,
-    build_probe_dataset,
-    build_train_transform,
-    sample_seed,
-)
-from trainer.data_sources import load_split
+from trainer.data import DataError, build_data, build_probe_dataset, sample_seed
+from trainer.data.fast_transform import TrainBatch
+from trainer.data.samplers import RepeatedAugSampler, ShardedEvalSampler
+from trainer.data.sources import load_split
+from trainer.data.transforms import build_eval_transform, build_mixup, build_train_transform
 from trainer.recipe import recipe_from_dict
-from trainer.samplers import RepeatedAugSampler, ShardedEvalSampler
 
 BASE = {
     "model": {"num_classes": 10, "img_size": 16, "in_chans": 3},
@@ -49,11 +43,21 @@ def make_recipe(**sections):
 
 
 def batches(loader, count=None):
+    """The loader's batches, training batches finished (TrainBatch.to: what the step does on its device)."""
     out = []
-    for i, batch in enumerate(loader):
-        if count is not None and i == count:
-            break
-        out.append(batch)
+    iterator = iter(loader)
+    try:
+        for i, batch in enumerate(iterator):
+            if count is not None and i == count:
+                break
+            if isinstance(batch[0], TrainBatch):
+                batch = (batch[0].to("cpu"), *batch[1:])
+            out.append(batch)
+    except BaseException:
+        # A raised error's traceback keeps the iterator in a reference cycle: shut its workers down now
+        # (see close_workers)
+        getattr(iterator, "_shutdown_workers", lambda: None)()
+        raise
     return out
 
 
@@ -83,7 +87,7 @@ def test_digits_bundle_shapes_and_dtypes():
     bundle = build_data(make_recipe())
     assert bundle.num_train_examples == 1347 and bundle.num_eval_examples == 450 and bundle.num_classes == 10
     assert bundle.steps_per_epoch == 1347 // 16 == len(bundle.train_loader)
-    images, targets = next(iter(bundle.train_loader))
+    images, targets = batches(bundle.train_loader, 1)[0]
     assert images.shape == (16, 3, 16, 16) and images.dtype == torch.float32 and targets.dtype == torch.int64
     evaluated = batches(bundle.eval_loader)
     assert sum(int(valid.sum()) for _, _, valid in evaluated) == 450
@@ -276,7 +280,7 @@ def test_imagefolder_source(tmp_path):
     bundle = build_data(folder_recipe(root))
     assert bundle.class_names == ("cat", "dog", "eel")
     assert bundle.num_train_examples == 12 and bundle.num_eval_examples == 6 and bundle.steps_per_epoch == 3
-    images, targets = next(iter(bundle.train_loader))
+    images, targets = batches(bundle.train_loader, 1)[0]
     assert images.shape == (4, 3, 16, 16) and set(targets.tolist()) <= {0, 1, 2}
     labels = sorted(int(t) for _, ts, v in bundle.eval_loader for t in ts[v])
     assert labels == [0, 0, 1, 1, 2, 2]
@@ -337,6 +341,15 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     assert valid == 6 and skipping.skipped_corrupt() == before + 1  # the replacement is not counted
     in_worker = build_data(folder_recipe(root, skip_corrupt=True, num_workers=1))
     assert len(batches(in_worker.train_loader)) == 3 and in_worker.skipped_corrupt() == skipping.skipped_corrupt() - 1
+    close_workers(in_worker)
+
+
+def close_workers(bundle) -> None:
+    """Shut a bundle's persistent loader workers down now: left to the cyclic GC, their queues may be
+    finalised first, and each worker's join then waits torch's 5 s timeout."""
+    for loader in (bundle.train_loader, bundle.eval_loader):
+        if getattr(loader, "_iterator", None) is not None:
+            loader._iterator._shutdown_workers()
 
 
 # --- hf ---------------------------------------------------------------------------------------------
@@ -363,7 +376,7 @@ def test_hf_source_from_a_saved_dataset_dict(tmp_path):
                                "label_column": "fine_label"}, train={"batch_size": 4})
     bundle = build_data(recipe)
     assert bundle.class_names == ("a", "b", "c") and bundle.num_train_examples == 12
-    images, targets = next(iter(bundle.train_loader))
+    images, targets = batches(bundle.train_loader, 1)[0]
     assert images.shape == (4, 3, 16, 16) and targets.dtype == torch.int64
     labels = sorted(int(t) for _, ts, v in bundle.eval_loader for t in ts[v])
     assert labels == [0, 0, 1, 1, 2]

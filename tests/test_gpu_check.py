@@ -5,7 +5,7 @@ import sys
 
 from tests.conftest import REPO
 
-CHECKS = ("train_eager", "train_compile", "diagnostics_cost", "isi_10k", "fsdp_resume", "deepspeed_resume",
+CHECKS = ("train_eager", "train_compile", "diagnostics_cost", "device_augment", "isi_10k", "fsdp_resume", "deepspeed_resume",
           "grouped_fsdp_refused", "tf32", "memory_vit_s", "memory_vit_b", "memory_vit_l")
 
 
@@ -17,10 +17,10 @@ def test_gpu_check_tiny_prints_one_line_per_check_and_passes_on_cpu():
             ("pass", "FAIL", "skip")}
     assert list(rows) == list(CHECKS)
     # what CPU can run runs; what needs a GPU says so
-    assert all(rows[name] == "pass" for name in ("train_eager", "train_compile", "diagnostics_cost", "isi_10k",
-                                                  "fsdp_resume", "grouped_fsdp_refused"))
+    assert all(rows[name] == "pass" for name in ("train_eager", "train_compile", "diagnostics_cost", "device_augment",
+                                                  "isi_10k", "fsdp_resume", "grouped_fsdp_refused"))
     assert all(rows[name] == "skip" for name in ("deepspeed_resume", "tf32", "memory_vit_b"))
-    assert proc.stdout.strip().endswith("11/11 passed or skipped")
+    assert proc.stdout.strip().endswith("12/12 passed or skipped")
 
 
 def test_gpu_check_without_a_gpu_and_without_tiny_is_one_error_line():

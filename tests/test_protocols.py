@@ -172,7 +172,7 @@ def test_p3s_recipe_and_a_backbone_without_a_head(tmp_path, caplog):
 def test_p3s_per_seed_validation_split_picks_the_checkpoint_and_the_reported_test_accuracy(tmp_path,
                                                                                         fresh_accelerate):
     from trainer.data import hold_out
-    from trainer.data_sources import load_split
+    from trainer.data.sources import load_split
     from trainer.run_dir import accuracy_summary
 
     recipe = load_recipe(REPO / "recipes" / "demo_digits.yaml", [*TINY_OVERRIDES, "data.val_fraction=0.25"])

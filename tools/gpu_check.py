@@ -8,6 +8,8 @@ Checks (targets from the issues that asked for them):
                                 tools/benchmark_train.py (MFU >= 45 %, ratio >= 1.0)
   diagnostics_cost              one diagnostics measurement of recipes/vit_b.yaml's settings, as a share of
                                 the training time between two measurements at its cadence (<= 2 %)
+  device_augment                data.fast_path's device side (augment.device_augment: RandAugment, normalisation,
+                                erasing on the uint8 batch) at vit_b.yaml's batch, as a share of a ViT-B step (<= 5 %)
   isi_10k                       ISI on ViT-B over 10,000 images: time, and peak memory against the plan
   fsdp_resume / deepspeed_resume   a few steps stopped and resumed: the same losses (bf16 tolerance),
                                 with the diagnostics on (probe through the gathered replica; gradient
@@ -133,6 +135,58 @@ def diagnostics_cost(tiny: bool, device: torch.device) -> Line:
     if tiny:
         return Line("diagnostics_cost", measured, "runs (target on ViT-B: <= 2 %)", "pass")
     return Line("diagnostics_cost", measured, "<= 2 %", "pass" if share <= 0.02 else "FAIL")
+
+
+def device_augment(tiny: bool, device: torch.device) -> Line:
+    """The fast data path's device side (RandAugment, normalisation, erasing on uint8 batches) against a step."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from trainer.data.fast_transform import FastPathOptions, build_fast_train_transform
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "vit_b.yaml", TINY_MODEL if tiny else [])
+    batch = 8 if tiny else recipe.train.batch_size
+    transform = build_fast_train_transform(recipe, FastPathOptions(device_augment=True))
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(rng.integers(0, 256, (350, 400, 3), dtype=np.uint8)) for _ in range(batch)]
+    batches = [transform.collate([(transform(photo), 0) for photo in photos]) for _ in range(3)]
+    model = timm.create_model("vit_base_patch16_224" if not tiny else "vit_tiny_patch16_224",
+                              img_size=recipe.model.img_size, num_classes=10).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def finish(index: int) -> torch.Tensor:
+        return batches[index % len(batches)][0].to(device, non_blocking=True)
+
+    def step(images: torch.Tensor) -> None:
+        with autocast:
+            loss = model(images).float().logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    images = finish(0)
+    for index in range(2):  # warm-up: kernels, allocator
+        step(finish(index))
+    reps = 2 if tiny else 10
+    sync(device)
+    start = time.perf_counter()
+    for index in range(reps):
+        finish(index)
+    sync(device)
+    finish_s = (time.perf_counter() - start) / reps
+    start = time.perf_counter()
+    for _ in range(reps):
+        step(images)
+    sync(device)
+    step_s = (time.perf_counter() - start) / reps
+    share = finish_s / step_s
+    measured = f"{finish_s * 1e3:.1f} ms per batch of {batch} = {100 * share:.1f} % of a {step_s * 1e3:.0f} ms step"
+    if tiny:
+        return Line("device_augment", measured, "runs (target on ViT-B: <= 5 % of a step)", "pass")
+    return Line("device_augment", measured, "<= 5 % of a step", "pass" if share <= 0.05 else "FAIL")
 
 
 def isi_10k(tiny: bool) -> Line:
@@ -280,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_eager": lambda: train_benchmark(args.tiny, compile_=False),
         "train_compile": lambda: train_benchmark(args.tiny, compile_=True),
         "diagnostics_cost": lambda: diagnostics_cost(args.tiny, device),
+        "device_augment": lambda: device_augment(args.tiny, device),
         "isi_10k": lambda: isi_10k(args.tiny),
         "fsdp_resume": lambda: stop_and_resume(args.tiny, "fsdp"),
         "deepspeed_resume": lambda: stop_and_resume(args.tiny, "deepspeed"),

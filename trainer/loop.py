@@ -117,6 +117,8 @@ class UpdateStep:
 
         Under DeepSpeed the engine applies the update inside backward, so `before_optimizer_step` runs here,
         on the engine's gradients between its backward and its step (elsewhere `finish` runs it)."""
+        # a float tensor, or the data fast path's uint8 TrainBatch: its .to() runs RandAugment (augment.device_augment),
+        # normalisation and random erasing on the device, giving the float tensor the CPU transform would have
         images = images.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if self.mixup_fn is not None:

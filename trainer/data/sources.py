@@ -4,6 +4,10 @@
 `RawSplit`: a map-style dataset of (PIL image, label) before any transform (synthetic: a ready
 float tensor) plus the class names. Sources raise `DataError` for a missing root, folder, split or
 column, and `CorruptImageError` (caught by `trainer.data`) for an image that cannot be decoded.
+
+Sources of encoded images (imagefolder, hf) also have `encoded(index) -> (EncodedImage, label)`:
+the file not decoded yet, so the training path can decode it to a uint8 tensor
+(`decode_to_tensor`), at reduced scale where its crop allows (`EncodedImage.open` reads the header only).
 """
 
 from __future__ import annotations
@@ -68,6 +72,74 @@ def decode_image(file: str | Path | io.BytesIO, mode: str, where: str) -> Image.
             return image.convert(mode)  # convert() forces the full decode inside the try
     except IMAGE_DECODE_ERRORS as e:
         raise CorruptImageError(where, e) from None
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image before decoding: a file path or the file's bytes, the mode to decode to (L/RGB) and
+    where it comes from (for messages)."""
+
+    source: str | bytes
+    mode: str
+    where: str
+
+    def read(self) -> bytes:
+        if isinstance(self.source, bytes):
+            return self.source
+        try:
+            with open(self.source, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise CorruptImageError(self.where, e) from None
+
+    def open(self, data: bytes | None = None) -> Image.Image:
+        """The lazily opened PIL image (header parsed, pixels not decoded yet)."""
+        try:
+            return Image.open(io.BytesIO(self.read() if data is None else data))
+        except IMAGE_DECODE_ERRORS as e:
+            raise CorruptImageError(self.where, e) from None
+
+    def decode(self) -> Image.Image:
+        """Exactly what the source's `__getitem__` returns."""
+        return decode_image(io.BytesIO(self.read()), self.mode, self.where)
+
+
+def decode_to_tensor(encoded: EncodedImage, size_hook: Any = None,
+                     tensor_decode: bool = True) -> tuple[torch.Tensor | Image.Image, int, Any]:
+    """Decode `encoded`: (pixels, scale, extra).
+
+    `size_hook(width, height) -> (scale, extra)`, when given, is called with the full size from the
+    header before any pixel is decoded. A `scale` of 2, 4 or 8 asks for a JPEG decoded at 1/scale in
+    the DCT domain (Pillow's `draft`): the pixels are then that reduced PIL image, and the returned
+    scale says by how much it was reduced (1 where it was not: not a JPEG, or Pillow declined).
+    Otherwise the pixels are, pixel for pixel, what `encoded.decode()` gives: with `tensor_decode` a
+    uint8 [C, H, W] tensor (channels-last memory) - baseline/progressive RGB or grey JPEGs decoded to
+    RGB by torchvision's libjpeg-turbo decoder (the library Pillow uses, without Pillow's RGBX
+    unpacking and copies), everything else by Pillow - else Pillow's image.
+    """
+    data = encoded.read()
+    image = encoded.open(data)
+    width = image.size[0]
+    scale, extra = size_hook(*image.size) if size_hook is not None else (1, None)
+    try:
+        if scale > 1 and image.format == "JPEG":
+            drafted = image.draft(encoded.mode, (image.size[0] // scale, image.size[1] // scale))
+            done = 1 if drafted is None else round(width / drafted[1][2])
+            return image.convert(encoded.mode), done, extra
+        if tensor_decode and image.format == "JPEG" and encoded.mode == "RGB" and image.mode in ("RGB", "L"):
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB), 1, extra
+            except RuntimeError:
+                pass  # Pillow decides whether the file is corrupt, and says so the usual way
+        image = image.convert(encoded.mode)
+        if not tensor_decode:
+            return image, 1, extra
+        array = np.array(image)
+        return torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1), 1, extra
+    except IMAGE_DECODE_ERRORS as e:
+        raise CorruptImageError(encoded.where, e) from None
 
 
 # --- digits: scikit-learn's 1,797 8x8 handwritten digits, embedded in the package ------------------
@@ -153,6 +225,10 @@ class FolderImages(ImageFolder):
         path, target = self.samples[index]
         return decode_image(path, self.mode, where=path), target
 
+    def encoded(self, index: int) -> tuple[EncodedImage, int]:
+        path, target = self.samples[index]
+        return EncodedImage(path, self.mode, path), target
+
 
 def imagefolder_split(recipe: Any, role: Role) -> RawSplit:
     d = recipe.data
@@ -191,13 +267,17 @@ class HFImages(Dataset):
         return len(self.table)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        encoded, target = self.encoded(index)
+        return encoded.decode(), target
+
+    def encoded(self, index: int) -> tuple[EncodedImage, int]:
         row = self.table[index]
         encoded = row[self.image_column]
         where = f"{self.description} row {index}" + (f" ({encoded['path']})" if encoded.get("path") else "")
-        source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") else encoded.get("path")
+        source = encoded.get("bytes") or encoded.get("path")
         if source is None:
             raise CorruptImageError(where, ValueError("no image bytes or path"))
-        return decode_image(source, self.mode, where), int(row[self.label_column])
+        return EncodedImage(source, self.mode, where), int(row[self.label_column])
 
 
 def _hf_table(recipe: Any, split: str) -> tuple[Any, str]:

@@ -3,12 +3,16 @@
     bundle = build_data(recipe, accelerator.num_processes, accelerator.process_index)
     for epoch in range(start_epoch, epochs):
         bundle.train_sampler.set_epoch(epoch, skip_batches=batches_done_in_this_epoch)
-        for images, targets in bundle.train_loader:          # CPU tensors; move them to the device
+        for images, targets in bundle.train_loader:          # CPU; .to(device) finishes a TrainBatch there
             images, targets = images.to(device), targets.to(device)
             if bundle.mixup_fn is not None:
                 images, targets = bundle.mixup_fn(images, targets)   # soft targets [B, num_classes]
     for images, targets, valid in bundle.eval_loader:        # count only valid items
         ...
+
+The transforms themselves live in `trainer.data.transforms` (the reference, timm's) and
+`trainer.data.fast_transform` (the default uint8 training path, finished on the device by
+`trainer.data.device_augment`); this module opens the splits and builds datasets and loaders on them.
 
 The loaders are NOT meant for `accelerator.prepare`: the samplers shard over ranks themselves.
 Augmentation randomness is a pure function of (train.seed, epoch, position in the epoch): each
@@ -38,17 +42,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from timm.data import Mixup, create_transform
-from timm.data import auto_augment as timm_auto_augment
+from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
-from trainer.data_sources import CorruptImageError, DataError, RawSplit, load_split
+from trainer.data.fast_transform import FastTrainTransform, TrainSample, build_fast_train_transform
+from trainer.data.samplers import EvalKey, RepeatedAugSampler, ShardedEvalSampler, TrainKey
+from trainer.data.sources import CorruptImageError, DataError, RawSplit, load_split
+from trainer.data.transforms import build_eval_transform, build_mixup, build_train_transform
 from trainer.rng import preserved_rng_state
-from trainer.samplers import EvalKey, RepeatedAugSampler, ShardedEvalSampler, TrainKey
 
-__all__ = ["DataBundle", "DataError", "build_data", "build_eval_loader", "build_eval_transform", "build_mixup",
-           "build_probe_dataset", "build_train_transform", "preserved_rngs", "sample_seed", "seed_rngs"]
+__all__ = ["DataBundle", "DataError", "build_data", "build_eval_loader", "build_probe_dataset", "preserved_rngs",
+           "sample_seed", "seed_rngs"]
 
 
 class CorruptImageCounter:
@@ -71,7 +75,9 @@ class CorruptImageCounter:
 
 @dataclass
 class DataBundle:
-    train_loader: DataLoader  # (images float32 [B, C, H, W], targets int64 [B]), drop_last
+    # (images, targets int64 [B]), drop_last; images float32 [B, C, H, W], or on the fast path a TrainBatch
+    # of uint8 images whose .to(device) gives that float32 tensor, finished on the device
+    train_loader: DataLoader
     eval_loader: DataLoader  # (images, targets, valid bool [B]); same batch count on every rank
     val_loader: DataLoader | None  # like eval_loader, on the data.val_fraction held out of training; or None
     train_sampler: RepeatedAugSampler  # call .set_epoch(epoch, skip_batches) before each epoch
@@ -84,66 +90,6 @@ class DataBundle:
     steps_per_epoch: int  # full training batches per process per epoch
     skipped_corrupt: Callable[[], int]  # unreadable images replaced so far (train + eval, this rank)
 
-
-# --- transforms and mixup ---------------------------------------------------------------------------
-
-def _input_size(recipe: Any) -> tuple[int, int, int]:
-    m, a = recipe.model, recipe.augment
-    if len(a.mean) != m.in_chans:
-        raise DataError(f"augment.mean = {a.mean} and augment.std = {a.std} need one value per channel "
-                        f"(model.in_chans = {m.in_chans})")
-    return m.in_chans, m.img_size, m.img_size
-
-
-def build_train_transform(recipe: Any) -> Any:
-    """timm's ImageNet training transform from `recipe.augment`: RandomResizedCrop(scale, ratio),
-    flip, RandAugment (`auto_augment`) or colour jitter, normalise, random erasing."""
-    a = recipe.augment
-    transform = create_transform(
-        _input_size(recipe), is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-        color_jitter=a.color_jitter or None, auto_augment=a.auto_augment, interpolation=a.train_interpolation,
-        mean=tuple(a.mean), std=tuple(a.std), re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
-    _allow_zero_bit_posterize(transform)
-    return transform
-
-
-def posterize_zero_bits_ok(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
-    """timm's posterize, where keeping 0 bits gives the all-black image that Pillow < 13 produced.
-
-    timm maps RandAugment magnitude 10 (reached whenever `mstd` noise clips at the top) to 0 bits
-    for PosterizeIncreasing, and AutoAugment's Posterize level 0 to 0 bits; Pillow 13 rejects
-    bits < 1 with a ValueError: with rand-m9-mstd0.5-inc1 about one image in 2,000 (measured), so
-    an unpatched ImageNet run would not finish its first epoch.
-    """
-    if bits_to_keep <= 0:
-        return Image.new(image.mode, image.size)
-    return timm_auto_augment.posterize(image, bits_to_keep, **kwargs)
-
-
-def _allow_zero_bit_posterize(transform: Any) -> None:
-    for step in getattr(transform, "transforms", []):
-        ops = list(getattr(step, "ops", []))  # RandAugment, AugMix
-        for sub_policy in getattr(step, "policy", []):  # AutoAugment
-            ops += list(sub_policy)
-        for op in ops:
-            if getattr(op, "aug_fn", None) is timm_auto_augment.posterize:
-                op.aug_fn = posterize_zero_bits_ok
-
-
-def build_eval_transform(recipe: Any) -> Any:
-    """Resize to img_size / crop_pct, centre-crop img_size, normalise (timm's eval transform)."""
-    a = recipe.augment
-    return create_transform(_input_size(recipe), is_training=False, interpolation=a.eval_interpolation,
-                            mean=tuple(a.mean), std=tuple(a.std), crop_pct=a.crop_pct)
-
-
-def build_mixup(recipe: Any) -> Mixup | None:
-    """timm's Mixup/CutMix with label smoothing, or None when both alphas are 0."""
-    a = recipe.augment
-    if a.mixup <= 0 and a.cutmix <= 0:
-        return None
-    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                 mode=a.mixup_mode, label_smoothing=a.label_smoothing, num_classes=recipe.model.num_classes)
 
 
 # --- per-sample seeding -----------------------------------------------------------------------------
@@ -211,18 +157,32 @@ def _signals_of_process(pid: int) -> LeaveStopSignalsToMainProcess:
 
 # --- datasets ---------------------------------------------------------------------------------------
 
-def _read(raw: RawSplit, index: int, skip_corrupt: bool, counter: CorruptImageCounter) -> tuple[Any, int, bool]:
-    """(image, target, is_original): the sample at `index`, or with skip_corrupt the next readable one."""
+def _read(raw: RawSplit, index: int, skip_corrupt: bool, counter: CorruptImageCounter,
+          load: Callable[[Dataset, int], tuple[Any, int]] | None = None) -> tuple[Any, int, bool]:
+    """(image, target, is_original): the sample at `index`, or with skip_corrupt the next readable one.
+    `load(dataset, i)` reads example i (default: `dataset[i]`)."""
     size = len(raw.dataset)
     for offset in range(size):
         try:
-            image, target = raw.dataset[(index + offset) % size]
+            image, target = (load or _getitem)(raw.dataset, (index + offset) % size)
             return image, target, offset == 0
         except CorruptImageError as e:
             if not skip_corrupt:
                 raise DataError(f"corrupt image {e} (set data.skip_corrupt=true to skip unreadable images)") from None
             counter.increment()
     raise DataError(f"{raw.description}: no readable image at all")
+
+
+def _getitem(dataset: Dataset, index: int) -> tuple[Any, int]:
+    return dataset[index]
+
+
+def _encoded(dataset: Dataset, index: int) -> tuple[Any, int]:
+    """(EncodedImage, target) where the source keeps its images encoded, else the decoded (image, target)."""
+    while isinstance(dataset, Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    encoded = getattr(dataset, "encoded", None)
+    return encoded(index) if encoded is not None else dataset[index]
 
 
 class TrainSet(Dataset):
@@ -247,6 +207,17 @@ class TrainSet(Dataset):
     def _load(self, key: TrainKey | int) -> tuple[torch.Tensor, int]:
         if not isinstance(key, TrainKey):
             key = TrainKey(int(key), 0, int(key))
+        if isinstance(self.transform, FastTrainTransform):
+            # decoding needs the crop box, so the sample is seeded first (anew for a replacement)
+            seed = sample_seed(self.seed, key.epoch, key.position)
+
+            def load(dataset: Dataset, index: int) -> tuple[TrainSample, int]:
+                item, target = _encoded(dataset, index)
+                seed_rngs(seed)
+                return self.transform(item), target
+
+            sample, target, _ = _read(self.raw, key.index, self.skip_corrupt, self.counter, load)
+            return sample, target
         image, target, _ = _read(self.raw, key.index, self.skip_corrupt, self.counter)
         if self.transform is None:
             return image, target
@@ -340,7 +311,10 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
         raise DataError(f"train.batch_size = {t.batch_size} must be even when augment.mixup or augment.cutmix > 0")
 
     train_counter, eval_counter = CorruptImageCounter(d.num_workers), CorruptImageCounter(d.num_workers)
-    train_transform = None if d.source == "synthetic" else build_train_transform(recipe)
+    train_transform = None
+    if d.source != "synthetic":  # data.fast_path (recipe knob; default on): uint8 batches finished on the device
+        fast = build_fast_train_transform(recipe) if d.fast_path else None
+        train_transform = fast or build_train_transform(recipe)
     train_set = TrainSet(train_raw, train_transform, t.seed, d.skip_corrupt, train_counter)
     eval_set = _eval_set(recipe, eval_raw, eval_counter)
     val_set = None if val_raw is None else _eval_set(recipe, val_raw, eval_counter)
@@ -353,16 +327,18 @@ def build_data(recipe: Any, num_processes: int = 1, process_index: int = 0) -> D
 
     worker_init_fn = leave_stop_signals_to_main_process() if d.num_workers > 0 else None
 
-    def loader(dataset: Dataset, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
+    def loader(dataset: Dataset, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None) -> DataLoader:
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=d.num_workers,
+            collate_fn=collate_fn,
             pin_memory=d.pin_memory and torch.cuda.is_available(), persistent_workers=d.num_workers > 0,
             # Own generator: the loader draws its worker base seed from it, not from the global RNG.
             generator=torch.Generator().manual_seed(t.seed * 7919 + process_index),
             worker_init_fn=worker_init_fn)
 
     return DataBundle(
-        train_loader=loader(train_set, train_sampler, t.batch_size, True),
+        train_loader=loader(train_set, train_sampler, t.batch_size, True,
+                            train_transform.collate if isinstance(train_transform, FastTrainTransform) else None),
         eval_loader=loader(eval_set, eval_sampler, recipe.eval.batch_size, False),
         val_loader=None if val_set is None else loader(
             val_set, ShardedEvalSampler(len(val_set), num_processes, process_index), recipe.eval.batch_size, False),
