@@ -19,7 +19,7 @@ from trainer.train import main
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_digits.yaml"
 # A 2-block digits model trained for 3 epochs: accurate enough that the position embedding matters.
-SMALL = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "schedule.epochs=4", "schedule.warmup_epochs=1",
+SMALL = ["model.img_size=16", "model.depth=2", "model.embed_dim=32", "model.num_heads=2", "schedule.epochs=4", "schedule.warmup_epochs=1",
          "optim.lr=5e-3", "train.batch_size=32", "eval.every_epochs=1", "checkpoint.every_epochs=4",
          "train.ema_decay=null", "logging.progress_bar=false", "diagnostics.enabled=false",
          "diagnostics.probe_size=64", "diagnostics.probe_batch_size=32"]
@@ -117,7 +117,7 @@ def test_checkpoint_paths_resolve_and_training_starts_from_them(tmp_path):
         resolve_weights_file(tmp_path / "w.pt")
     with pytest.raises(WeightInitError, match="file not found"):
         resolve_weights_file(tmp_path / "nowhere.safetensors")
-    recipe = load_recipe(DEMO, ["model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+    recipe = load_recipe(DEMO, ["model.img_size=16", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
                                 f"model.checkpoint={tmp_path / 'run'}"])
     model = build_model(recipe)  # the trainer's model for finetuning
     for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):

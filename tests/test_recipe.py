@@ -22,8 +22,23 @@ def write(path: Path, text: str) -> Path:
 
 
 def run_train_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python trainer/train.py ARGS --print-recipe` as a process (what a user runs)."""
     return subprocess.run([sys.executable, str(ROOT / "trainer" / "train.py"), *args, "--print-recipe"],
                           capture_output=True, text=True, cwd=ROOT)
+
+
+def call_train_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """The same entry point called in this process (`trainer.train.main`, its error handling included):
+    the recipe errors need no fresh interpreter, and each would cost one (~3.5 s of imports)."""
+    from trainer.train import main
+
+    try:
+        main([*args, "--print-recipe"])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def test_defaults_live_in_the_schema(tmp_path):
@@ -138,7 +153,7 @@ def test_dump_is_readable_yaml_in_schema_order():
     assert "  betas: [0.9, 0.999]" in text
 
 
-# The real command line: one message on stderr, exit code 2, no traceback.
+# The command line's entry point: one message on stderr, exit code 2, no traceback (a real process below).
 @pytest.mark.parametrize("recipe_text, overrides, message", [
     ("trainer:\n  seed: 1\n", [], "unknown section 'trainer' (did you mean 'train'?)"),
     ("lr: 0.1\n", [], "unknown section 'lr' (did you mean 'optim.lr'?)"),
@@ -149,9 +164,9 @@ def test_dump_is_readable_yaml_in_schema_order():
     ("", ["--set", "optim.lrr=1"], "--set optim.lrr=1: unknown key 'lrr' in section 'optim' (did you mean 'lr'?)"),
     ("", ["--set", "optim.lr"], "--set 'optim.lr': expected section.key=value"),
 ])
-def test_cli_reports_recipe_errors_with_exit_code_2(tmp_path, recipe_text, overrides, message):
+def test_cli_reports_recipe_errors_with_exit_code_2(tmp_path, capsys, recipe_text, overrides, message):
     recipe = write(tmp_path / "r.yaml", recipe_text)
-    result = run_train_cli("--recipe", str(recipe), *overrides)
+    result = call_train_main(capsys, "--recipe", str(recipe), *overrides)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
@@ -162,8 +177,8 @@ def test_cli_reports_a_missing_recipe_file(tmp_path):
     assert result.returncode == 2 and f"recipe file not found: {tmp_path / 'nope.yaml'}" in result.stderr
 
 
-def test_cli_prints_the_resolved_recipe_with_overrides():
-    result = run_train_cli("--recipe", str(ROOT / "recipes" / "vit_b_grouped_mlp.yaml"), "--set", "optim.lr=5e-4")
+def test_cli_prints_the_resolved_recipe_with_overrides(capsys):
+    result = call_train_main(capsys, "--recipe", str(ROOT / "recipes" / "vit_b_grouped_mlp.yaml"), "--set", "optim.lr=5e-4")
     assert result.returncode == 0, result.stderr
     assert "kind: grouped_mlp" in result.stdout and "lr: 0.0005" in result.stdout
 

@@ -27,7 +27,7 @@ from trainer.run_dir import read_summary
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo_digits.yaml"
 # 1,347 training digits at batch 256: 5 updates per epoch, 10 per run.
-TINY = ["model.depth=1", "model.embed_dim=16", "model.num_heads=2", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
+TINY = ["model.img_size=16", "model.depth=1", "model.embed_dim=16", "model.num_heads=2", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
         "train.batch_size=256", "eval.every_epochs=1", "checkpoint.every_epochs=1", "logging.progress_bar=false",
         "diagnostics.metrics=[token_similarity, attention]", "diagnostics.probe_size=64",
         "diagnostics.tensorboard_images=never"]
