@@ -21,9 +21,11 @@ LAUNCH = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", 
 OVERRIDES = [*TINY_OVERRIDES, "model.drop_path_rate=0.1", "train.ema_decay=0.9", "train.max_steps=8",
              "checkpoint.every_steps=4", "checkpoint.every_epochs=null", "eval.every_epochs=null"]
 
-# rank 0 signals, after update 2, the launcher (its parent) or the whole process group
+# rank 0 signals, after update 2, the launcher (its parent) or the whole process group. A 1-process launcher
+# dies of it and the kernel's parent-death signal follows; rank 0 waits until it has been reparented (the
+# launcher is gone), so that a slow machine cannot finish the 8 updates before the signal is delivered.
 SCRIPT = """
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pathlib import Path
 from tests.rank_report import RankReport
 from trainer.callbacks import Callback
@@ -37,7 +39,11 @@ class Signal(Callback):
     def on_step_end(self, run, record):
         if record.step == 2 and run.accelerator.process_index == 0:
             if self.target == "launcher":
-                os.kill(os.getppid(), signal.SIGTERM)
+                parent = os.getppid()
+                os.kill(parent, signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while run.accelerator.num_processes == 1 and os.getppid() == parent and time.monotonic() < deadline:
+                    time.sleep(0.01)
             elif self.target == "group":
                 os.killpg(os.getpgrp(), signal.SIGTERM)
 
