@@ -31,7 +31,7 @@ browser:
 
 test: $(STAMP) browser
 	@echo ">> running the test suite"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 demo: $(STAMP)
 	@echo ">> training the embedded default ($(DEMO_RECIPE)) with accelerate"

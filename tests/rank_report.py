@@ -29,4 +29,7 @@ class RankReport(Callback):
                   "tied": model.blocks[1].mlp is model.blocks[0].mlp,
                   "ema_tied": ema is not None and ema.blocks[1].mlp is ema.blocks[0].mlp,
                   "world": ctx.accelerator.num_processes, "backend": ctx.accelerator.distributed_type.value}
+        plugin = ctx.accelerator.state.deepspeed_plugin
+        if plugin is not None:  # what DeepSpeed was configured with (accelerate leaves "auto" to be filled in)
+            report["micro_batch"] = plugin.deepspeed_config["train_micro_batch_size_per_gpu"]
         Path(ctx.run_dir, f"rank{ctx.accelerator.process_index}.json").write_text(json.dumps(report))

@@ -73,8 +73,19 @@ def test_pe_scale_zero_removes_the_position_embedding(tmp_path):
     assert record["pe_scale"] == 0 and record["label"].endswith("pe_scale=0")
     centered = record["token_similarity"]["centered"]
     assert centered[1] == pytest.approx(centered[0], abs=1e-7)  # pe == embed for the patch tokens
-    assert record["pe_dominance"] == 0 and record["phases"]["cliff_size"] == pytest.approx(0, abs=1e-7)
+    # no drop at pe; the random-init blocks move S_c by ~1e-4 at most, so the cliff (argmin over pe, block_1,
+    # block_2) is no larger than that
+    assert record["pe_dominance"] == 0 and 0 <= record["phases"]["cliff_size"] < 1e-3
     assert {path.name for path in tmp_path.iterdir()} == {"analysis.json", "phase_curves.png"}
+
+
+def test_a_random_init_is_the_seeds_whatever_ran_before(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        analyze([*TINY_TIMM, "diagnostics.metrics=[token_similarity]", "--output", str(tmp_path / name)])
+        runs.append(records(tmp_path / name)[0]["token_similarity"]["centered"])
+        torch.rand(7)  # the global RNG moves on between the calls
+    assert runs[0] == runs[1]
 
 
 def error_of(argv, capsys) -> str:

@@ -1,10 +1,7 @@
 """The diagnostics during real training runs: records, TensorBoard, unchanged training, resume, 2 processes."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +15,7 @@ from diagnostics.records import PER_STAGE_KEYS, read_diagnostics
 from diagnostics.tensorboard_logging import STAGE_REGEX
 from diagnostics.tensorboard_plugin.plugin import read_depth_series
 from models import load_model_file
-from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
+from tests.conftest import DEMO_RECIPE, TINY_OVERRIDES
 from trainer.loop import train
 from trainer.recipe import load_recipe
 from trainer.training_diagnostics import gradient_access, measures_checkpoint, sharded_weights
@@ -179,35 +176,4 @@ def test_images_final_renders_once_at_the_end_with_every_evaluation(tmp_path, ti
     assert image.step == 4 and [e.step for e in accumulator.Images("depth/phase_curve")] == [4]
 
 
-TWO_PROCESS = [*TINY_OVERRIDES, "data.source=digits", "train.max_steps=2", "checkpoint.every_steps=2",
-               "checkpoint.every_epochs=null", "eval.every_epochs=null", "diagnostics.enabled=true",
-               "diagnostics.metrics=[token_similarity,isi,attention,neural_collapse,plasticity]",
-               "diagnostics.probe_size=120", "diagnostics.probe_batch_size=32", "diagnostics.isi_pca_rank=4",
-               "diagnostics.isi_ridge_grid=[0.001,0.1,10]", "diagnostics.plasticity_pairs=10",
-               "diagnostics.tensorboard_images=never", "logging.tensorboard=false"]
-
-
-def test_two_processes_write_once_the_values_of_one(tmp_path):
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "trainer/train.py",
-                           "--recipe", str(DEMO_RECIPE), "--output", str(run), "--set", *TWO_PROCESS],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (record,) = read_diagnostics(run)  # written once, by the main process
-    assert record["num_processes"] == 2 and record["step"] == 2 and record["probe_size"] == 120
-    assert proc.stdout.count("diagnostics step 2 (raw)") == 1
-
-    from tools.analyze import main as analyze  # the same checkpoint and probe set, in this one process
-
-    analyze(["--run", str(run), "--output", str(tmp_path / "offline"), "--device", "cpu"])
-    (offline,) = json.loads((tmp_path / "offline" / "analysis.json").read_text())["records"]
-    assert offline["stages"] == record["stages"] and offline["phases"]["cliff_end"] == record["phases"]["cliff_end"]
-    for metric, keys in PER_STAGE_KEYS.items():
-        for key in keys:
-            for got, expected in zip(offline[metric][key], record[metric][key], strict=True):
-                assert (got is None) == (expected is None), (metric, key)
-                assert got is None or got == pytest.approx(expected, rel=1e-4, abs=1e-6), (metric, key)
-    assert offline["pe_dominance"] == pytest.approx(record["pe_dominance"], rel=1e-6)
+# 2 processes (written once, the values one process computes): tests/test_faults_launcher.py's 2-process run

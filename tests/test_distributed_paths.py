@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ablations.launch import free_port
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 from tools.benchmark_train import peak_tflops_of
 from trainer import rng, tracking
@@ -129,7 +130,7 @@ def test_processes_that_do_not_see_one_run_dir_stop_at_once_with_one_line(tmp_pa
     script.write_text(NODE_LOCAL_SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
-                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--main_process_port", str(free_port()), "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                            "--dynamo_backend", "no", str(script), str(tmp_path), json.dumps(TINY_OVERRIDES),
                            str(DEMO_RECIPE)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

@@ -1,6 +1,7 @@
 """Preemption and errors through `accelerate launch`, as Slurm and a user's Ctrl-C deliver them: a SIGTERM to
 the launcher alone, or to the whole process group, ends every rank with a saved checkpoint, with 1 and with 2
-processes; a 2-process run stopped that way resumes with 2 processes exactly; a bad recipe is one error line."""
+processes; a 2-process run stopped that way resumes with 2 processes exactly; a bad recipe is one error line.
+The 2-process straight run also measures the diagnostics: written once, with the values one process computes."""
 
 import json
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ablations.launch import free_port
+from diagnostics.records import PER_STAGE_KEYS, read_diagnostics
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 from trainer.checkpoint import complete_checkpoints, read_manifest
 
@@ -19,11 +22,17 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPAT
 LAUNCH = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 # synthetic 64 images: 8 updates per epoch with 1 process, 4 with 2; 2 epochs
 OVERRIDES = [*TINY_OVERRIDES, "model.drop_path_rate=0.1", "train.ema_decay=0.9", "train.max_steps=8",
-             "checkpoint.every_steps=4", "checkpoint.every_epochs=null", "eval.every_epochs=null"]
+             "checkpoint.every_steps=4", "checkpoint.every_epochs=null", "eval.every_epochs=null",
+             "data.synthetic_eval_size=120"]
+# every probe metric at the checkpoints (steps 4 and 8); the probe set is 120 eval images split over 2 processes
+DIAGNOSTICS = ["diagnostics.enabled=true", "diagnostics.metrics=[token_similarity,isi,attention,neural_collapse,"
+               "plasticity]", "diagnostics.probe_size=120", "diagnostics.probe_batch_size=32",
+               "diagnostics.isi_pca_rank=4", "diagnostics.isi_ridge_grid=[0.001,0.1,10]",
+               "diagnostics.plasticity_pairs=10", "diagnostics.tensorboard_images=never"]
 
-# rank 0 signals, after update 2, the launcher (its parent) or the whole process group. A 1-process launcher
-# dies of it and the kernel's parent-death signal follows; rank 0 waits until it has been reparented (the
-# launcher is gone), so that a slow machine cannot finish the 8 updates before the signal is delivered.
+# rank 0 signals, after update 2, the launcher (its parent) or the whole process group. The SIGTERM reaches
+# rank 0 later (torchrun passes it on; a 1-process launcher dies of it and the kernel's parent-death signal
+# follows), so rank 0 waits until the trainer's handler has run: a slow machine cannot finish the 8 updates first.
 SCRIPT = """
 import json, os, signal, sys, time
 from pathlib import Path
@@ -39,11 +48,18 @@ class Signal(Callback):
     def on_step_end(self, run, record):
         if record.step == 2 and run.accelerator.process_index == 0:
             if self.target == "launcher":
-                parent = os.getppid()
-                os.kill(parent, signal.SIGTERM)
+                received, trainers = [], signal.getsignal(signal.SIGTERM)
+
+                def seen(signum, frame):
+                    received.append(signum)
+                    trainers(signum, frame)
+
+                signal.signal(signal.SIGTERM, seen)
+                os.kill(os.getppid(), signal.SIGTERM)
                 deadline = time.monotonic() + 60
-                while run.accelerator.num_processes == 1 and os.getppid() == parent and time.monotonic() < deadline:
+                while not received and time.monotonic() < deadline:
                     time.sleep(0.01)
+                signal.signal(signal.SIGTERM, trainers)
             elif self.target == "group":
                 os.killpg(os.getpgrp(), signal.SIGTERM)
 
@@ -61,12 +77,12 @@ def script(tmp_path_factory) -> Path:
     return path
 
 
-def launch(script: Path, run: Path, processes: int, target: str = "none", resume: str = ""):
+def launch(script: Path, run: Path, processes: int, target: str = "none", resume: str = "", extra: tuple = ()):
     """`accelerate launch` in a session of its own (its process group is the launcher and its ranks). Returns
     once every rank has exited: they hold the launcher's stdout pipe, even after the launcher is gone."""
-    multi = ["--multi_gpu"] if processes > 1 else []
+    multi = ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else []
     proc = subprocess.Popen([ACCELERATE, "launch", *multi, "--num_processes", str(processes), *LAUNCH, str(script),
-                             str(DEMO_RECIPE), str(run), json.dumps(OVERRIDES), target, resume],
+                             str(DEMO_RECIPE), str(run), json.dumps([*OVERRIDES, *extra]), target, resume],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     out, err = proc.communicate(timeout=300)
@@ -103,8 +119,9 @@ def test_one_process_sigterm_to_the_launcher_or_the_group_saves_a_checkpoint(scr
 
 def test_two_processes_sigterm_to_the_launcher_saves_on_every_rank_and_two_processes_resume_exactly(script,
                                                                                                    tmp_path):
-    code, _, err = launch(script, tmp_path / "straight", 2)
+    code, out, err = launch(script, tmp_path / "straight", 2, extra=DIAGNOSTICS)
     assert code == 0, err[-3000:]
+    assert_diagnostics_written_once_with_one_process_values(tmp_path / "straight", out, tmp_path / "offline")
     code, out, err = launch(script, tmp_path / "run", 2, "launcher")
     assert code == 1  # torchrun passes the SIGTERM on to the ranks, waits for them, then reports it as a failure
     stopped = assert_preempted_and_saved(tmp_path / "run", 2, out)
@@ -113,10 +130,29 @@ def test_two_processes_sigterm_to_the_launcher_saves_on_every_rank_and_two_proce
     assert code == 0, err[-3000:]
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "run")
     assert sorted(resumed) == sorted(straight) == list(range(1, 9))
-    assert all(resumed[s] == pytest.approx(straight[s], abs=1e-6) for s in straight)
+    assert all(resumed[s] == pytest.approx(straight[s], abs=1e-6) for s in straight)  # diagnostics change nothing
     a, b = ranks(tmp_path / "straight", 2), ranks(tmp_path / "run", 2)
     assert a[0]["weights"] == a[1]["weights"] == b[0]["weights"] == b[1]["weights"]
     assert a[0]["ema"] == b[0]["ema"] == b[1]["ema"]
+
+
+def assert_diagnostics_written_once_with_one_process_values(run: Path, out: str, offline: Path) -> None:
+    records = read_diagnostics(run)  # written once, by the main process
+    assert [(r["step"], r["num_processes"], r["probe_size"]) for r in records] == [(4, 2, 120), (8, 2, 120)]
+    assert out.count("diagnostics step 8 (raw)") == 1
+
+    from tools.analyze import main as analyze
+
+    analyze(["--run", str(run), "--output", str(offline), "--device", "cpu"])
+    (single,) = json.loads((offline / "analysis.json").read_text())["records"]  # the last checkpoint, 1 process
+    record = records[-1]
+    assert single["stages"] == record["stages"] and single["phases"]["cliff_end"] == record["phases"]["cliff_end"]
+    for metric, keys in PER_STAGE_KEYS.items():
+        for key in keys:
+            for got, expected in zip(single[metric][key], record[metric][key], strict=True):
+                assert (got is None) == (expected is None), (metric, key)
+                assert got is None or got == pytest.approx(expected, rel=1e-4, abs=1e-6), (metric, key)
+    assert single["pe_dominance"] == pytest.approx(record["pe_dominance"], rel=1e-6)
 
 
 def test_two_processes_sigterm_to_the_group_saves_on_every_rank(script, tmp_path):
@@ -126,7 +162,8 @@ def test_two_processes_sigterm_to_the_group_saves_on_every_rank(script, tmp_path
 
 
 def test_a_bad_recipe_under_two_processes_is_one_error_line(tmp_path):
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", *LAUNCH, "trainer/train.py",
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--main_process_port", str(free_port()),
+                           "--num_processes", "2", *LAUNCH, "trainer/train.py",
                            "--recipe", str(DEMO_RECIPE), "--output", str(tmp_path / "run"),
                            "--set", "train.batch_size=0"], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=300)

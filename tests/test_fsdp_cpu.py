@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from ablations.launch import free_port
 from tests.conftest import REPO
 
 # 2 ranks: the same tiny ViT (seed 0), FSDP-wrapped one unit per Block with use_orig_params (as
@@ -57,7 +58,8 @@ def test_fsdp_grad_norms_from_shards_and_diagnostics_through_a_gathered_replica(
     script, out = tmp_path / "fsdp_cpu.py", tmp_path / "out.json"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--master_port", str(free_port()),
+                           "--nproc_per_node", "2", str(script),
                            str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

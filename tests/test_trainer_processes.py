@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ablations.launch import free_port
 from models import load_model_file
 from tests.conftest import DEMO_RECIPE, REPO, TINY_OVERRIDES
 from trainer.checkpoint import complete_checkpoints, read_manifest
@@ -44,7 +45,8 @@ def test_two_process_ddp_grouped_mlp_ranks_identical_one_writer_and_preemption(t
     overrides = [*TINY_OVERRIDES, "data.source=digits", "variant.kind=grouped_mlp", "model.drop_path_rate=0.1",
                  "train.compile=true", "train.compile_backend=eager",
                  "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_steps=4", "train.ema_decay=0.9"]
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--main_process_port", str(free_port()),
+                           "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(DEMO_RECIPE),
                            str(run), json.dumps(overrides)],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

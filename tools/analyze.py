@@ -182,7 +182,9 @@ def timm_source(name: str, args: argparse.Namespace, overrides: list[str]) -> So
     kwargs.update(recipe.model.kwargs if "kwargs" in explicit else {})
     if args.pretrained:
         kwargs["pretrained_cfg_overlay"] = {"file": cached_pretrained_file(name), "source": ""}
-    model = create_vit(name, pretrained=args.pretrained, **kwargs).to(args.device).eval()
+    with torch.random.fork_rng(devices=[]):  # a random init is train.seed's, the same on every call
+        torch.manual_seed(recipe.train.seed)
+        model = create_vit(name, pretrained=args.pretrained, **kwargs).to(args.device).eval()
     data_config = resolve_model_data_config(model)
     model_cfg = replace(recipe.model, img_size=int(model.patch_embed.img_size[0]),
                         in_chans=int(model.patch_embed.proj.in_channels),

@@ -34,11 +34,10 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from diagnostics import check_config, load_probe, run_diagnostics, scaled_position_embedding, stage_names
 from diagnostics.capture import unwrap_model
@@ -61,8 +60,15 @@ from trainer.run_dir import (
     write_json_atomic,
 )
 
+if TYPE_CHECKING:
+    from torchmetrics.classification import MulticlassAccuracy
+
 
 def _metrics(num_classes: int, device: torch.device) -> dict[str, MulticlassAccuracy]:
+    # imported at the first evaluation: torchmetrics imports all its domains (text, and transformers with it
+    # when installed) at import, ~2 s of a process's start that a run stopped before evaluating never needs
+    from torchmetrics.classification import MulticlassAccuracy
+
     return {f"top{k}": MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro").to(device)
             for k in (1, min(5, num_classes))}
 
