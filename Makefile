@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.depthlab-installed
 DEMO_RECIPE ?= recipes/demo_digits.yaml
 DEMO_OUTPUT ?= runs/demo_digits
+# accelerate launch gives a CPU process one thread unless told (it uses every core only with --cpu)
+CPU_THREADS ?= $(shell nproc)
 
 # Debian's Chromium + ChromeDriver for the dashboard's browser test (tests/test_dashboard.py); root or sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,6 +38,7 @@ test: $(STAMP) browser
 demo: $(STAMP)
 	@echo ">> training the embedded default ($(DEMO_RECIPE)) with accelerate"
 	$(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(CPU_THREADS) \
 		trainer/train.py --recipe $(DEMO_RECIPE) --output $(DEMO_OUTPUT) --resume auto
 
 lint: $(STAMP)
