@@ -105,6 +105,16 @@ def plan_stage_groups(stages: Sequence[str], stage_bytes: int, budget_bytes: int
     return [stages[i:i + per_group] for i in range(0, len(stages), per_group)]
 
 
+
+REGRESSION_CHUNK_BYTES = 64 * 2**20
+
+
+def regression_position_chunk(num_positions: int, features: int) -> int:
+    """Positions whose ridge fits are solved together: as many as keep one (positions, p, p) float64 batch
+    within 64 MiB (ViT-B nested: 7; the demo's 64-token model: all 64, a few batched calls instead of
+    one per 8 positions, whose Python overhead dominated at that size)."""
+    return max(1, min(num_positions, REGRESSION_CHUNK_BYTES // (8 * features * features)))
+
 class ScramblingIndex(StreamingMetric):
     """Streaming ISI per stage; results `{stage: {"isi", "r2_self", "r2_all", ...}}` (see `compute`).
 
@@ -119,13 +129,13 @@ class ScramblingIndex(StreamingMetric):
                  pca_oversample: int = 16, pca_power_iterations: int = 1, holdout_fraction: float = 0.2,
                  validation_fraction: float = 0.2, seed: int = 0,
                  ridge_grid: Sequence[float] = DEFAULT_RIDGE_GRID, stages: Sequence[str] | None = None,
-                 memory_budget_bytes: int | None = None, position_chunk: int = 8,
+                 memory_budget_bytes: int | None = None, position_chunk: int | None = None,
                  nested_fit: str = "residual") -> None:
         if variant not in ISI_VARIANTS:
             raise ValueError(f"isi variant = {variant!r}: expected one of {', '.join(ISI_VARIANTS)}")
         if nested_fit not in NESTED_FITS:
             raise ValueError(f"isi nested_fit = {nested_fit!r}: expected one of {', '.join(NESTED_FITS)}")
-        for label, value in (("pca_rank", pca_rank), ("position_chunk", position_chunk)):
+        for label, value in (("pca_rank", pca_rank), ("position_chunk", position_chunk or 1)):
             if value < 1:
                 raise ValueError(f"isi {label} = {value} must be >= 1")
         if pca_oversample < 0 or pca_power_iterations < 0:
@@ -142,8 +152,10 @@ class ScramblingIndex(StreamingMetric):
             raise ValueError(f"isi stages {unknown} are not stages of this model ({', '.join(known)})")
         self.variant, self.seed, self.ridge_grid = variant, seed, tuple(float(c) for c in ridge_grid)
         self.holdout_fraction, self.validation_fraction = holdout_fraction, validation_fraction
-        self.pca_rank, self.position_chunk, self.nested_fit = pca_rank, position_chunk, nested_fit
+        self.pca_rank, self.nested_fit = pca_rank, nested_fit
         self.sketch_width = min(pca_rank + pca_oversample, self.num_patches * self.dim)
+        self.position_chunk = position_chunk or regression_position_chunk(
+            self.num_patches, self.dim + (self.sketch_width if variant == "nested" else 0))
         self.phases = ("regression",) if variant == "literal" else (
             ("sketch",) + ("power",) * pca_power_iterations + ("regression",))
         self.stage_bytes = isi_stage_bytes(self.num_patches, self.dim, variant=variant, pca_rank=pca_rank,

@@ -76,6 +76,16 @@ class CenteredMoments:
     sst: torch.Tensor  # (..., q)     Σ (y − ȳ)² per output
 
 
+
+def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """matrix⁻¹ rhs for symmetric positive-definite matrices (a covariance plus α·I, α > 0), batched.
+
+    Cholesky rather than torch.linalg.solve: besides being the right factorisation here, batched float64
+    LU solves on CPU with more than one thread fail at random ("Pivots given to lu_solve must all be
+    greater or equal to 1", torch 2.14) where Cholesky does not."""
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(matrix))
+
+
 def centered(sums: RegressionSums) -> CenteredMoments:
     n = sums.count
     if float(n) < 1:
@@ -97,7 +107,7 @@ def ridge_weights(train: RegressionSums, multiplier: float) -> tuple[torch.Tenso
     m = centered(train)
     alpha = multiplier * ridge_penalty_scale(m)
     eye = torch.eye(m.cxx.shape[-1], dtype=m.cxx.dtype, device=m.cxx.device)
-    weights = torch.linalg.solve(m.cxx + alpha[..., None, None] * eye, m.cxy)
+    weights = spd_solve(m.cxx + alpha[..., None, None] * eye, m.cxy)
     intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
     return weights, intercept
 
@@ -162,7 +172,7 @@ def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int
     c11, c12, c22 = tr.cxx[..., :s, :s], tr.cxx[..., :s, s:], tr.cxx[..., s:, s:]
     alpha1 = first_multiplier * _mean_variance(c11)
     eye = torch.eye(s, dtype=c11.dtype, device=c11.device)
-    solved = torch.linalg.solve(c11 + alpha1[..., None, None] * eye, torch.cat([tr.cxy[..., :s, :], c12], -1))
+    solved = spd_solve(c11 + alpha1[..., None, None] * eye, torch.cat([tr.cxy[..., :s, :], c12], -1))
     w_self, partial = solved[..., :tr.cxy.shape[-1]], solved[..., tr.cxy.shape[-1]:]  # W_s (.., p₁, q), P
     schur = c22 - c12.transpose(-2, -1) @ partial
     schur = 0.5 * (schur + schur.transpose(-2, -1))
@@ -196,16 +206,16 @@ def two_block_ridge_weights(train: RegressionSums, split: int, first_multiplier:
     s = split
     alpha1 = first_multiplier * _mean_variance(m.cxx[..., :s, :s])
     eye1 = torch.eye(s, dtype=m.cxx.dtype, device=m.cxx.device)
-    partial = torch.linalg.solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxx[..., :s, s:])
+    partial = spd_solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxx[..., :s, s:])
     schur = m.cxx[..., s:, s:] - m.cxx[..., s:, :s] @ partial
     alpha2 = second_multiplier * _mean_variance(schur)
     penalty = torch.cat([alpha1.unsqueeze(-1).expand(*alpha1.shape, s),
                          alpha2.unsqueeze(-1).expand(*alpha2.shape, m.cxx.shape[-1] - s)], -1)
     if second_multiplier == float("inf"):
-        weights = torch.linalg.solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxy[..., :s, :])
+        weights = spd_solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxy[..., :s, :])
         weights = torch.cat([weights, torch.zeros_like(m.cxy[..., s:, :])], -2)
     else:
-        weights = torch.linalg.solve(m.cxx + torch.diag_embed(penalty), m.cxy)
+        weights = spd_solve(m.cxx + torch.diag_embed(penalty), m.cxy)
     intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
     return weights, intercept
 
