@@ -105,7 +105,6 @@ def plan_stage_groups(stages: Sequence[str], stage_bytes: int, budget_bytes: int
     return [stages[i:i + per_group] for i in range(0, len(stages), per_group)]
 
 
-
 REGRESSION_CHUNK_BYTES = 64 * 2**20
 
 
@@ -114,6 +113,7 @@ def regression_position_chunk(num_positions: int, features: int) -> int:
     within 64 MiB (ViT-B nested: 7; the demo's 64-token model: all 64, a few batched calls instead of
     one per 8 positions, whose Python overhead dominated at that size)."""
     return max(1, min(num_positions, REGRESSION_CHUNK_BYTES // (8 * features * features)))
+
 
 class ScramblingIndex(StreamingMetric):
     """Streaming ISI per stage; results `{stage: {"isi", "r2_self", "r2_all", ...}}` (see `compute`).
@@ -135,7 +135,7 @@ class ScramblingIndex(StreamingMetric):
             raise ValueError(f"isi variant = {variant!r}: expected one of {', '.join(ISI_VARIANTS)}")
         if nested_fit not in NESTED_FITS:
             raise ValueError(f"isi nested_fit = {nested_fit!r}: expected one of {', '.join(NESTED_FITS)}")
-        for label, value in (("pca_rank", pca_rank), ("position_chunk", position_chunk or 1)):
+        for label, value in (("pca_rank", pca_rank), ("position_chunk", 1 if position_chunk is None else position_chunk)):
             if value < 1:
                 raise ValueError(f"isi {label} = {value} must be >= 1")
         if pca_oversample < 0 or pca_power_iterations < 0:
@@ -154,7 +154,7 @@ class ScramblingIndex(StreamingMetric):
         self.holdout_fraction, self.validation_fraction = holdout_fraction, validation_fraction
         self.pca_rank, self.nested_fit = pca_rank, nested_fit
         self.sketch_width = min(pca_rank + pca_oversample, self.num_patches * self.dim)
-        self.position_chunk = position_chunk or regression_position_chunk(
+        self.position_chunk = position_chunk if position_chunk is not None else regression_position_chunk(
             self.num_patches, self.dim + (self.sketch_width if variant == "nested" else 0))
         self.phases = ("regression",) if variant == "literal" else (
             ("sketch",) + ("power",) * pca_power_iterations + ("regression",))

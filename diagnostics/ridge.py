@@ -76,7 +76,6 @@ class CenteredMoments:
     sst: torch.Tensor  # (..., q)     Σ (y − ȳ)² per output
 
 
-
 def spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """matrix⁻¹ rhs for symmetric positive-definite matrices (a covariance plus α·I, α > 0), batched.
 
@@ -206,15 +205,14 @@ def two_block_ridge_weights(train: RegressionSums, split: int, first_multiplier:
     s = split
     alpha1 = first_multiplier * _mean_variance(m.cxx[..., :s, :s])
     eye1 = torch.eye(s, dtype=m.cxx.dtype, device=m.cxx.device)
-    partial = spd_solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxx[..., :s, s:])
-    schur = m.cxx[..., s:, s:] - m.cxx[..., s:, :s] @ partial
-    alpha2 = second_multiplier * _mean_variance(schur)
-    penalty = torch.cat([alpha1.unsqueeze(-1).expand(*alpha1.shape, s),
-                         alpha2.unsqueeze(-1).expand(*alpha2.shape, m.cxx.shape[-1] - s)], -1)
+    first = m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1
     if second_multiplier == float("inf"):
-        weights = spd_solve(m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1, m.cxy[..., :s, :])
-        weights = torch.cat([weights, torch.zeros_like(m.cxy[..., s:, :])], -2)
+        weights = torch.cat([spd_solve(first, m.cxy[..., :s, :]), torch.zeros_like(m.cxy[..., s:, :])], -2)
     else:
+        schur = m.cxx[..., s:, s:] - m.cxx[..., s:, :s] @ spd_solve(first, m.cxx[..., :s, s:])
+        alpha2 = second_multiplier * _mean_variance(schur)
+        penalty = torch.cat([alpha1.unsqueeze(-1).expand(*alpha1.shape, s),
+                             alpha2.unsqueeze(-1).expand(*alpha2.shape, m.cxx.shape[-1] - s)], -1)
         weights = spd_solve(m.cxx + torch.diag_embed(penalty), m.cxy)
     intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
     return weights, intercept

@@ -1,6 +1,7 @@
 """diagnostics/raster.py: the training-time images, checked pixel by pixel against what they encode."""
 
 import math
+import re
 
 import matplotlib
 import numpy as np
@@ -12,6 +13,7 @@ from diagnostics.raster import (
     CURVE_COLORS,
     MARK,
     MISSING,
+    VIRIDIS,
     Canvas,
     curve_panel,
     heatmap_image,
@@ -22,6 +24,7 @@ from diagnostics.raster import (
     stage_step_heatmap_image,
     viridis,
 )
+from tests.conftest import REPO
 
 
 def test_viridis_matches_matplotlibs_table():
@@ -29,6 +32,16 @@ def test_viridis_matches_matplotlibs_table():
     reference = np.rint(matplotlib.colormaps["viridis"](t)[:, :3] * 255)
     assert np.abs(viridis(t).astype(int) - reference).max() <= 4
     assert (viridis(np.array([-1.0, 2.0])) == viridis(np.array([0.0, 1.0]))).all()  # clipped
+
+
+def test_the_depth_tabs_colour_map_is_the_images_one():
+    # the browser's copy of the polynomial (static/index.js) draws the same colours as the PNG images
+    source = (REPO / "diagnostics" / "tensorboard_plugin" / "static" / "index.js").read_text()
+    block = re.search(r"const VIRIDIS = \[(.*?)\];", source, re.S).group(1)
+    rows = [[float(v) for v in row.split(",")] for row in re.findall(r"\[([^\[\]]+)\]", block)]
+    assert np.array_equal(np.array(rows), VIRIDIS)
+    missing = re.search(r"const MISSING = '#(\w{6})';", source).group(1)
+    assert tuple(int(missing[i:i + 2], 16) for i in (0, 2, 4)) == MISSING
 
 
 @given(st.floats(-1e6, 1e6), st.floats(1e-6, 1e6))
