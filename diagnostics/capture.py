@@ -57,8 +57,14 @@ def attention_probabilities(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(attn, name):
             raise TypeError(f"{type(attn).__name__} is not a timm Attention (no `{name}`)")
     B, T, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    inner = attn.num_heads * attn.head_dim
+    if type(attn.qkv) is nn.Linear:  # only q and k: the first two thirds of qkv's output rows
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[:2 * inner]
+        qk = nn.functional.linear(x, attn.qkv.weight[:2 * inner], bias)
+    else:
+        qk = attn.qkv(x)[..., :2 * inner]
+    qk = qk.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qk[0]), attn.k_norm(qk[1])
     return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
 
 

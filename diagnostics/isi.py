@@ -48,6 +48,7 @@ does not enter (except for `literal`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,20 @@ def regression_position_chunk(num_positions: int, features: int) -> int:
     within 64 MiB (ViT-B nested: 7; the demo's 64-token model: all 64, a few batched calls instead of
     one per 8 positions, whose Python overhead dominated at that size)."""
     return max(1, min(num_positions, REGRESSION_CHUNK_BYTES // (8 * features * features)))
+
+
+@dataclass
+class _GroupTargets:
+    """One group's `embed` targets in a batch, laid out once for every stage's regression sums."""
+
+    by_position: torch.Tensor  # (N, b, D) contiguous
+    flat: torch.Tensor  # (b, N·D)
+    sum: torch.Tensor  # (N, D)
+    sum_of_squares: torch.Tensor  # (N, D)
+
+    @classmethod
+    def of(cls, targets: torch.Tensor) -> _GroupTargets:
+        return cls(targets.transpose(0, 1).contiguous(), targets.flatten(1), targets.sum(0), targets.square().sum(0))
 
 
 class ScramblingIndex(StreamingMetric):
@@ -267,6 +282,7 @@ class ScramblingIndex(StreamingMetric):
         self._targets = stage.tokens.to(torch.float64)
         self._rows = {code: torch.from_numpy(np.flatnonzero(codes == code)).to(device)
                       for code in range(len(GROUP_NAMES)) if (codes == code).any()}
+        self._group_targets = {code: _GroupTargets.of(self._targets[rows]) for code, rows in self._rows.items()}
         train = np.flatnonzero(codes != TEST)
         self._train_rows = torch.from_numpy(train).to(device) if train.size else None
         regressing = any(self._phase(s, self._pass) == "regression" for s in self._group_of)
@@ -308,22 +324,22 @@ class ScramblingIndex(StreamingMetric):
     def _accumulate_regression(self, stage: str, tokens: torch.Tensor) -> None:
         nested = self.variant == "nested"
         for code, rows in self._rows.items():
-            h, e = tokens[rows], self._targets[rows]
+            h, e = tokens[rows], self._group_targets[code]
             prefix = f"{stage}/{GROUP_NAMES[code]}/"
-            h_by_position, e_by_position = h.transpose(0, 1), e.transpose(0, 1)  # (N, b, D)
+            h_by_position = h.transpose(0, 1).contiguous()  # (N, b, D): contiguous batches multiply faster
             self.accumulate(prefix + "count", float(h.shape[0]))
             self.accumulate(prefix + "sum_h", h.sum(0))
-            self.accumulate(prefix + "sum_e", e.sum(0))
-            self.accumulate(prefix + "sq_e", e.square().sum(0))
+            self.accumulate(prefix + "sum_e", e.sum)
+            self.accumulate(prefix + "sq_e", e.sum_of_squares)
             self.accumulate(prefix + "hh", h_by_position.transpose(1, 2) @ h_by_position)
-            self.accumulate(prefix + "he", h_by_position.transpose(1, 2) @ e_by_position)
+            self.accumulate(prefix + "he", h_by_position.transpose(1, 2) @ e.by_position)
             if nested:
                 centered = h.flatten(1) - self._means[stage]
                 z = centered @ self._bases[stage]  # (b, k)
                 self.accumulate(prefix + "sum_z", z.sum(0))
                 self.accumulate(prefix + "zz", z.T @ z)
                 self.accumulate(prefix + "hz", h.permute(1, 2, 0) @ z)  # (N, D, k)
-                self.accumulate(prefix + "ze", z.T @ e_by_position)  # (N, k, D)
+                self.accumulate(prefix + "ze", (z.T @ e.flat).unflatten(1, h.shape[1:]).transpose(0, 1))  # (N, k, D)
                 self.accumulate(prefix + "sq_dev", centered.square().sum())
         if self.variant == "literal":
             self._held.add(stage, self._codes, tokens)

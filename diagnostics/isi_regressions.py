@@ -38,7 +38,9 @@ from diagnostics.ridge import (
     IllPosedRegressionWarning,
     RegressionSums,
     heldout_sse,
+    heldout_sse_at,
     total_sum_of_squares,
+    two_block_heldout_sse_at,
     two_block_sse_change,
 )
 from diagnostics.streaming_pca import rayleigh_ritz
@@ -90,16 +92,15 @@ def pca_rotation(fit: dict[str, torch.Tensor], val: dict[str, torch.Tensor],
     return rayleigh_ritz(centered_zz, min(rank, centered_zz.shape[0]))
 
 
-def _pooled_sse(fit: dict, val: dict, test: dict, rotation: torch.Tensor | None, num_positions: int,
-                position_chunk: int, score) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validation (fit → val) and test (fit + val → test) scores `score(train, scored)`, summed over positions."""
-    val_total = test_total = 0.0
+def _pooled_sse(train: Sequence[dict], scored: dict, rotation: torch.Tensor | None, num_positions: int,
+                position_chunk: int, score) -> torch.Tensor:
+    """`score(train sums, scored sums)` summed over positions, the train sums pooled over the `train` groups."""
+    total = 0.0
     for start in range(0, num_positions, position_chunk):
         chunk = slice(start, start + position_chunk)
-        fit_sums, val_sums, test_sums = (_regression_sums(g, chunk, rotation) for g in (fit, val, test))
-        val_total = val_total + score(fit_sums, val_sums).sum(0)
-        test_total = test_total + score(fit_sums + val_sums, test_sums).sum(0)
-    return val_total, test_total
+        train_sums = [_regression_sums(group, chunk, rotation) for group in train]
+        total = total + score(sum(train_sums[1:], train_sums[0]), _regression_sums(scored, chunk, rotation)).sum(0)
+    return total
 
 
 def stage_regression_scores(sums: dict[str, torch.Tensor], *, nested: bool, pca_rank: int,
@@ -129,31 +130,39 @@ def stage_regression_scores(sums: dict[str, torch.Tensor], *, nested: bool, pca_
         raise ValueError(f"ISI at stage {stage!r}: the `embed` targets do not vary over the "
                          "validation/test images")
 
-    def choose(kind: str, val_sse: torch.Tensor, test_sse: torch.Tensor) -> int:
-        best = int(torch.argmin(val_sse))  # the first of equal minima
-        result[f"r2_{kind}"] = float(1.0 - test_sse[best] / test_sst)
-        return best
+    # Each multiplier is chosen by the grid's validation SSE (fit → val, one eigendecomposition for the whole
+    # grid); only the chosen ones are refitted on the training images and scored on test (Cholesky solves).
+    def pooled(rotation: torch.Tensor | None, train: Sequence[dict], scored: dict, score) -> torch.Tensor:
+        return _pooled_sse(train, scored, rotation, num_positions, position_chunk, score)
 
-    self_val, self_test = _pooled_sse(fit, val, test, None, num_positions, position_chunk,
-                                      lambda train, scored: heldout_sse(train, scored, grid))
-    best_self = choose("self", self_val, self_test)
-    result["ridge_multiplier_self"] = float(grid[best_self])
+    def r2(sse: torch.Tensor) -> float:
+        return float(1.0 - sse / test_sst)
+
+    self_val = pooled(None, [fit], val, lambda train, scored: heldout_sse(train, scored, grid))
+    c_self = result["ridge_multiplier_self"] = float(grid[int(torch.argmin(self_val))])  # first of equal minima
+    c_residual = None
+    if nested and nested_fit == "residual":
+        residual_grid = (INFINITE, *grid)  # ∞ first: kept on ties, and exactly the self-only fit
+        change_val = pooled(rotation, [fit], val,
+                            lambda train, scored: two_block_sse_change(train, scored, dim, c_self, residual_grid))
+        change_val[0] = 0.0  # exactly (d = 0 there); guards against −0.0 ties
+        c_residual = result["ridge_multiplier_residual"] = float(residual_grid[int(torch.argmin(change_val))])
+    if c_residual is not None and c_residual != INFINITE:  # both test fits from one factorisation
+        self_test, all_test = pooled(rotation, [fit, val], test, lambda train, scored: two_block_heldout_sse_at(
+            train, scored, dim, c_self, c_residual))
+    else:
+        self_test = all_test = pooled(None, [fit, val], test,
+                                      lambda train, scored: heldout_sse_at(train, scored, c_self))
+    result["r2_self"] = r2(self_test)
     if not nested:
         return result
     if nested_fit == "joint":
-        all_val, all_test = _pooled_sse(fit, val, test, rotation, num_positions, position_chunk,
-                                        lambda train, scored: heldout_sse(train, scored, grid))
-        result["ridge_multiplier_all"] = float(grid[choose("all", all_val, all_test)])
-        return result
-    residual_grid = (INFINITE, *grid)  # ∞ first: kept on ties, and exactly the self-only fit
-    change_val, change_test = _pooled_sse(
-        fit, val, test, rotation, num_positions, position_chunk,
-        lambda train, scored: two_block_sse_change(train, scored, dim, result["ridge_multiplier_self"],
-                                                   residual_grid))
-    change_val[0] = change_test[0] = 0.0  # exactly (d = 0 there); guards against −0.0 ties
-    best = choose("all", self_val[best_self] + change_val, self_test[best_self] + change_test)
-    result["ridge_multiplier_all"] = result["ridge_multiplier_self"]
-    result["ridge_multiplier_residual"] = float(residual_grid[best])
+        all_val = pooled(rotation, [fit], val, lambda train, scored: heldout_sse(train, scored, grid))
+        c_all = result["ridge_multiplier_all"] = float(grid[int(torch.argmin(all_val))])
+        all_test = pooled(rotation, [fit, val], test, lambda train, scored: heldout_sse_at(train, scored, c_all))
+    else:
+        result["ridge_multiplier_all"] = c_self  # ∞: the self-only fit itself, so ISI is exactly 0
+    result["r2_all"] = r2(all_test)
     return result
 
 

@@ -106,9 +106,22 @@ def ridge_weights(train: RegressionSums, multiplier: float) -> tuple[torch.Tenso
     m = centered(train)
     alpha = multiplier * ridge_penalty_scale(m)
     eye = torch.eye(m.cxx.shape[-1], dtype=m.cxx.dtype, device=m.cxx.device)
-    weights = spd_solve(m.cxx + alpha[..., None, None] * eye, m.cxy)
-    intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
-    return weights, intercept
+    return _with_intercept(m, spd_solve(m.cxx + alpha[..., None, None] * eye, m.cxy))
+
+
+def fitted_sse(weights: torch.Tensor, intercept: torch.Tensor, scored: RegressionSums | CenteredMoments) -> torch.Tensor:
+    """SSE (...,) of the fit ŷ = Wᵀx + b over the samples of `scored`, from their sums (the expansion above)."""
+    m = centered(scored) if isinstance(scored, RegressionSums) else scored
+    offset = m.mean_y - intercept - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
+    quadratic = ((m.cxx @ weights) * weights).sum((-2, -1))
+    sse = m.sst.sum(-1) - 2.0 * (weights * m.cxy).sum((-2, -1)) + quadratic + m.count * offset.square().sum(-1)
+    return sse.clamp_min(0.0)
+
+
+def heldout_sse_at(train: RegressionSums, test: RegressionSums, multiplier: float) -> torch.Tensor:
+    """Test SSE (...,) of the one ridge fit on `train` with α = multiplier · tr(Cxx)/p (a Cholesky solve:
+    cheaper than `heldout_sse`'s eigendecomposition when only the chosen multiplier is scored)."""
+    return fitted_sse(*ridge_weights(train, multiplier), test)
 
 
 def heldout_sse(train: RegressionSums, test: RegressionSums, multipliers: Sequence[float]) -> torch.Tensor:
@@ -182,13 +195,12 @@ def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int
     rotated = evecs.transpose(-2, -1) @ residual_cov  # T (.., p₂, q)
     k_matrix = torch.cat([-partial @ evecs, evecs], -2)  # K (.., p, p₂)
     k_t = k_matrix.transpose(-2, -1)
-    base_weights = torch.cat([w_self, torch.zeros_like(residual_cov)], -2)  # [W_s ; 0] (.., p, q)
     k_delta = (k_t @ (te.mean_x - tr.mean_x).unsqueeze(-1)).squeeze(-1)  # (.., p₂)
     base_offset = (te.mean_y - tr.mean_y) - ((te.mean_x[..., :s] - tr.mean_x[..., :s]).unsqueeze(-2)
                                              @ w_self).squeeze(-2)  # (.., q)
     outer = rotated @ rotated.transpose(-2, -1)  # TTᵀ
     quadratic = (k_t @ te.cxx @ k_matrix + te.count * k_delta.unsqueeze(-1) * k_delta.unsqueeze(-2)) * outer
-    linear = (rotated * (k_t @ (te.cxy - te.cxx @ base_weights))).sum(-1)
+    linear = (rotated * (k_t @ (te.cxy - te.cxx[..., :s] @ w_self))).sum(-1)  # C′xx[W_s ; 0]
     linear = linear + te.count * k_delta * (rotated @ base_offset.unsqueeze(-1)).squeeze(-1)
     out = []
     for multiplier in multipliers:
@@ -198,24 +210,46 @@ def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int
     return torch.stack(out, dim=-1)
 
 
+def _two_block_solutions(m: CenteredMoments, split: int, first_multiplier: float,
+                         second_multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (..., p, q) of the first block's ridge alone ([W_s ; 0]) and of the two-block fit, by eliminating W₁:
+    W₂ = (S + α₂I)⁻¹(C₂y − C₂₁W_s), W₁ = W_s − P W₂ (one p₁×p₁ and one p₂×p₂ factorisation)."""
+    s, outputs = split, m.cxy.shape[-1]
+    c11, c12 = m.cxx[..., :s, :s], m.cxx[..., :s, s:]
+    alpha1 = first_multiplier * _mean_variance(c11)
+    first = c11 + alpha1[..., None, None] * torch.eye(s, dtype=c11.dtype, device=c11.device)
+    if second_multiplier == float("inf"):
+        alone = torch.cat([spd_solve(first, m.cxy[..., :s, :]), torch.zeros_like(m.cxy[..., s:, :])], -2)
+        return alone, alone
+    solved = spd_solve(first, torch.cat([m.cxy[..., :s, :], c12], -1))
+    w_self, partial = solved[..., :outputs], solved[..., outputs:]
+    schur = m.cxx[..., s:, s:] - c12.transpose(-2, -1) @ partial
+    schur = 0.5 * (schur + schur.transpose(-2, -1))
+    alpha2 = second_multiplier * _mean_variance(schur)
+    eye2 = torch.eye(schur.shape[-1], dtype=schur.dtype, device=schur.device)
+    w_context = spd_solve(schur + alpha2[..., None, None] * eye2, m.cxy[..., s:, :] - c12.transpose(-2, -1) @ w_self)
+    return (torch.cat([w_self, torch.zeros_like(w_context)], -2),
+            torch.cat([w_self - partial @ w_context, w_context], -2))
+
+
+def _with_intercept(m: CenteredMoments, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return weights, m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
+
+
 def two_block_ridge_weights(train: RegressionSums, split: int, first_multiplier: float,
                             second_multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (..., p, q) and b (..., q) of the two-block ridge fit of `two_block_sse_change` (direct solve)."""
+    """W (..., p, q) and b (..., q) of the two-block ridge fit of `two_block_sse_change` (direct solves)."""
     m = centered(train)
-    s = split
-    alpha1 = first_multiplier * _mean_variance(m.cxx[..., :s, :s])
-    eye1 = torch.eye(s, dtype=m.cxx.dtype, device=m.cxx.device)
-    first = m.cxx[..., :s, :s] + alpha1[..., None, None] * eye1
-    if second_multiplier == float("inf"):
-        weights = torch.cat([spd_solve(first, m.cxy[..., :s, :]), torch.zeros_like(m.cxy[..., s:, :])], -2)
-    else:
-        schur = m.cxx[..., s:, s:] - m.cxx[..., s:, :s] @ spd_solve(first, m.cxx[..., :s, s:])
-        alpha2 = second_multiplier * _mean_variance(schur)
-        penalty = torch.cat([alpha1.unsqueeze(-1).expand(*alpha1.shape, s),
-                             alpha2.unsqueeze(-1).expand(*alpha2.shape, m.cxx.shape[-1] - s)], -1)
-        weights = spd_solve(m.cxx + torch.diag_embed(penalty), m.cxy)
-    intercept = m.mean_y - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
-    return weights, intercept
+    return _with_intercept(m, _two_block_solutions(m, split, first_multiplier, second_multiplier)[1])
+
+
+def two_block_heldout_sse_at(train: RegressionSums, test: RegressionSums, split: int, first_multiplier: float,
+                             second_multiplier: float) -> torch.Tensor:
+    """Test SSE (..., 2) of the fits on `train` of the first block alone (column 0) and of both blocks at these
+    multipliers (column 1), from one factorisation of the first block's penalised covariance."""
+    m, scored = centered(train), centered(test)
+    return torch.stack([fitted_sse(*_with_intercept(m, weights), scored)
+                        for weights in _two_block_solutions(m, split, first_multiplier, second_multiplier)], -1)
 
 
 def total_sum_of_squares(sums: RegressionSums) -> torch.Tensor:

@@ -25,6 +25,10 @@ with it) set `num_passes` (a class default that an instance may override: ISI's 
 many stage groups its memory budget allows); `run_probe` calls `start_pass(p)` before sweep p
 and `all_reduce()` after every sweep. Sums already reduced are frozen: accumulating into them
 again raises; `discard(keys)` drops sums a metric no longer needs (e.g. after deriving a basis).
+The later sweeps replay the first sweep's stage tokens instead of running the forward again when they
+all fit in `replay_bytes` (default 256 MiB, a recipe's `diagnostics.stage_replay_gb`; the demo's 200
+probe images take 30 MB, saving one forward per evaluation; a ViT-B probe set takes far more, so there
+the forward runs again).
 
 Image ids: a probe batch may carry integer ids of its images (e.g. their dataset indices),
 `(images, labels, ids)`. Metrics that split images (ISI's fit/validation/test groups) key on
@@ -54,6 +58,7 @@ from diagnostics.capture import EMBED, NORM, PE, Stage, iterate_stages, unwrap_m
 from diagnostics.distributed import all_reduce_sum_states, is_distributed
 
 REDUCE_BUCKET_BYTES = 1 << 30
+DEFAULT_REPLAY_BYTES = 256 << 20
 
 _BLOCK_STAGE = re.compile(r"block_(\d+)$")
 
@@ -222,12 +227,45 @@ def update_metrics(model: nn.Module, images: torch.Tensor, metrics: Sequence[Str
     independent of batching and sharding (e.g. a held-out fraction by image). Metric updates run
     under `torch.no_grad()` (they may call model parts, e.g. the head).
     """
-    batch = ProbeBatch.from_model(model, images, labels, indices)
+    _forward_into_metrics(ProbeBatch.from_model(model, images, labels, indices), metrics)
+
+
+def _forward_into_metrics(batch: ProbeBatch, metrics: Sequence[StreamingMetric],
+                          replay: StageReplay | None = None) -> None:
     attention = any(metric.needs_attention for metric in metrics)
+    kept: list[Stage] = []
     with torch.no_grad():
-        for stage in iterate_stages(batch.model, images, attention=attention):
+        for stage in iterate_stages(batch.model, batch.images, attention=attention):
             for metric in metrics:
                 metric.update(stage, batch)
+            if replay is not None and replay.batches is not None:
+                kept.append(Stage(stage.name, stage.tokens))  # tokens only: no later sweep needs attention
+    if replay is not None:
+        replay.record(batch, kept)
+
+
+class StageReplay:
+    """The first sweep's stage tokens per batch, kept for the later sweeps while they fit in `budget_bytes`."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes, self.bytes = budget_bytes, 0
+        self.batches: list[tuple[ProbeBatch, list[Stage]]] | None = []  # None once over budget
+
+    def record(self, batch: ProbeBatch, stages: list[Stage]) -> None:
+        if self.batches is None:
+            return
+        self.bytes += sum(stage.tokens.numel() * stage.tokens.element_size() for stage in stages)
+        if self.bytes > self.budget_bytes:
+            self.batches = None  # dropped: the later sweeps run the forward again
+        else:
+            self.batches.append((batch, stages))
+
+    def replay_into(self, metrics: Sequence[StreamingMetric]) -> None:
+        with torch.no_grad():
+            for batch, stages in self.batches or []:
+                for stage in stages:
+                    for metric in metrics:
+                        metric.update(stage, batch)
 
 
 def check_unique_names(metrics: Sequence[StreamingMetric]) -> None:
@@ -264,25 +302,34 @@ def _unpack_probe_item(item: Any) -> tuple[torch.Tensor, torch.Tensor | None, to
 ProbeBatches = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
-def run_probe(model: nn.Module, batches: ProbeBatches, metrics: Sequence[StreamingMetric]) -> dict[str, Any]:
+def run_probe(model: nn.Module, batches: ProbeBatches, metrics: Sequence[StreamingMetric],
+              replay_bytes: int = DEFAULT_REPLAY_BYTES) -> dict[str, Any]:
     """Run `metrics` over a probe set and return `{metric.name: metric.compute()}` (same on every rank).
 
     `batches` yields `images`, `(images, labels)` or `(images, labels, ids)` (labels may be
     None; ids are integer image ids, see the module docstring); it must be re-iterable (a DataLoader, a list)
     or a zero-argument callable returning a fresh iterable when some metric needs several passes.
-    Images are moved to the model's device.
+    Images are moved to the model's device. Later passes replay the first pass's stage tokens when they
+    fit in `replay_bytes` on this process (0: always run the forward again).
     """
     check_unique_names(metrics)
     device = next(unwrap_model(model).parameters()).device
-    for pass_index in range(max((metric.num_passes for metric in metrics), default=0)):
+    num_passes = max((metric.num_passes for metric in metrics), default=0)
+    replay = StageReplay(replay_bytes) if num_passes > 1 and replay_bytes > 0 else None
+    for pass_index in range(num_passes):
         active = [metric for metric in metrics if pass_index < metric.num_passes]
         for metric in active:
             metric.start_pass(pass_index)
-        for item in (batches() if callable(batches) else batches):
-            images, labels, indices = _unpack_probe_item(item)
-            update_metrics(model, images.to(device), active,
-                           labels=None if labels is None else labels.to(device),
-                           indices=None if indices is None else indices.to(device))
+        if pass_index > 0 and replay is not None and replay.batches is not None and not any(
+                metric.needs_attention for metric in active):
+            replay.replay_into(active)
+        else:
+            for item in (batches() if callable(batches) else batches):
+                images, labels, indices = _unpack_probe_item(item)
+                batch = ProbeBatch.from_model(model, images.to(device),
+                                              None if labels is None else labels.to(device),
+                                              None if indices is None else indices.to(device))
+                _forward_into_metrics(batch, active, replay if pass_index == 0 else None)
         for metric in active:
             metric.all_reduce(device=device)
     return {metric.name: metric.compute() for metric in metrics}

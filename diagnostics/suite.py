@@ -199,7 +199,8 @@ def run_diagnostics(model: nn.Module, probe: ProbeData, cfg: Any, num_classes: i
     model = unwrap_model(model)
     device, dtype = next(model.parameters()).device, parameter_dtype(model)
     metrics = build_metrics(model, cfg, num_classes, with_accuracy=with_accuracy)
-    results = run_probe(model, lambda: probe.batches(cfg.probe_batch_size, device, dtype), metrics)
+    results = run_probe(model, lambda: probe.batches(cfg.probe_batch_size, device, dtype), metrics,
+                        replay_bytes=int(cfg.stage_replay_gb * 2**30))
     if "plasticity" in cfg.metrics:
         results["plasticity"] = plasticity_results(model, probe, cfg, device, dtype)
     if "token_similarity" in results:

@@ -33,10 +33,12 @@ from diagnostics.ridge import (
     RegressionSums,
     centered,
     heldout_sse,
+    heldout_sse_at,
     kernel_heldout_sse,
     ridge_penalty_scale,
     ridge_weights,
     total_sum_of_squares,
+    two_block_heldout_sse_at,
     two_block_ridge_weights,
     two_block_sse_change,
 )
@@ -96,6 +98,8 @@ def test_heldout_r2_from_sums_matches_sklearn_ridge(seed, features, outputs, sam
     for j, multiplier in enumerate(multipliers):
         assert math.isclose(float(ours[j]), sklearn_pooled_r2(x, y, x_test, y_test, multiplier),
                             rel_tol=1e-7, abs_tol=1e-7)
+        one = 1 - heldout_sse_at(train, test, multiplier).sum() / total_sum_of_squares(test).sum()  # the direct solve
+        assert math.isclose(float(one), float(ours[j]), rel_tol=1e-9, abs_tol=1e-9)
     weights, intercept = ridge_weights(train, 0.3)
     alpha = 0.3 * float(ridge_penalty_scale(centered(train))[0])
     reference = Ridge(alpha=alpha).fit(x[:, 0], y[:, 0])
@@ -144,6 +148,9 @@ def test_two_block_ridge_from_sums_matches_sklearn_ridge(seed, split, rest, outp
             prediction = sklearn_two_block_predict(x[:, i], y[:, i], x_test[:, i], split, multiplier_self, multiplier)
             reference = ((y_test[:, i] - prediction.reshape(7, outputs)) ** 2).sum()
             assert math.isclose(float(sse[i, j]), reference, rel_tol=1e-7, abs_tol=1e-8)
+            alone, both = two_block_heldout_sse_at(train, test, split, multiplier_self, multiplier)[i]  # direct solves
+            assert math.isclose(float(both), reference, rel_tol=1e-7, abs_tol=1e-8)
+            assert math.isclose(float(alone), float(sse[i, 0]), rel_tol=1e-9, abs_tol=1e-9)  # multipliers[0] = ∞
             ours = x_test[:, i] @ weights[i].numpy() + intercept[i].numpy()
             np.testing.assert_allclose(ours, prediction.reshape(7, outputs), rtol=1e-6, atol=1e-8)
     assert (two_block_sse_change(train, test, split, multiplier_self, [math.inf]) == 0).all()  # exactly
@@ -342,6 +349,21 @@ def test_streaming_batches_and_stage_groups_equal_one_shot():
     assert_results_close(streamed, one_shot, rel=1e-9)
     rerun = run_probe(model, list(images.split(50)), [grouped_metric])["isi"]  # reused at the next checkpoint
     assert_results_close(rerun, one_shot, rel=1e-9)
+
+
+def test_later_passes_replay_the_first_pass_tokens_within_the_budget():
+    model, images = tiny_vit(), smooth_images(120)
+    options = dict(pca_rank=4, pca_oversample=4, pca_power_iterations=1, ridge_grid=GRID)
+    forwards = []
+    model.patch_embed.register_forward_hook(lambda module, args, out: forwards.append(len(out)))
+    results = {}
+    for label, budget in (("replayed", 1 << 30), ("recomputed", 0), ("over budget", 1)):
+        forwards.clear()
+        metric = ScramblingIndex(model, **options)
+        results[label] = run_probe(model, list(images.split(40)), [metric], replay_bytes=budget)["isi"]
+        assert len(forwards) == 3 * (1 if label == "replayed" else metric.num_passes), label
+    assert metric.num_passes == 3
+    assert results["replayed"] == results["recomputed"] == results["over budget"]
 
 
 def assert_results_close(got: dict, expected: dict, rel: float) -> None:

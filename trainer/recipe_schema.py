@@ -245,6 +245,9 @@ class DiagnosticsConfig:
     isi_memory_budget_gb: float | None = knob(
         32.0, min=0, min_exclusive=True,
         help="ISI device memory budget (GiB): stages run in groups that fit; null = all stages at once")
+    stage_replay_gb: float = knob(
+        0.25, min=0, help="multi-pass metrics (ISI): later passes replay the first pass's stage tokens, kept on the "
+                          "device while they fit in this many GiB per process, instead of running the forward again; 0 = off")
     nc_all_stages: bool = knob(True, help="neural collapse at every stage (else final norm only)")
     plasticity_mode: Literal["paper", "in_situ"] = knob("paper", help="OPEN: component inputs for plasticity")
     plasticity_pairs: int = knob(128, min=1, help="image pairs averaged for plasticity")
