@@ -282,10 +282,11 @@ class ScramblingIndex(StreamingMetric):
         self._targets = stage.tokens.to(torch.float64)
         self._rows = {code: torch.from_numpy(np.flatnonzero(codes == code)).to(device)
                       for code in range(len(GROUP_NAMES)) if (codes == code).any()}
-        self._group_targets = {code: _GroupTargets.of(self._targets[rows]) for code, rows in self._rows.items()}
         train = np.flatnonzero(codes != TEST)
         self._train_rows = torch.from_numpy(train).to(device) if train.size else None
         regressing = any(self._phase(s, self._pass) == "regression" for s in self._group_of)
+        self._group_targets = {code: _GroupTargets.of(self._targets[rows])
+                               for code, rows in self._rows.items()} if regressing else {}
         if self.variant == "literal" and regressing:
             self._held.add(_TARGETS, codes, self._targets)
 

@@ -109,9 +109,8 @@ def ridge_weights(train: RegressionSums, multiplier: float) -> tuple[torch.Tenso
     return _with_intercept(m, spd_solve(m.cxx + alpha[..., None, None] * eye, m.cxy))
 
 
-def fitted_sse(weights: torch.Tensor, intercept: torch.Tensor, scored: RegressionSums | CenteredMoments) -> torch.Tensor:
-    """SSE (...,) of the fit ŷ = Wᵀx + b over the samples of `scored`, from their sums (the expansion above)."""
-    m = centered(scored) if isinstance(scored, RegressionSums) else scored
+def fitted_sse(weights: torch.Tensor, intercept: torch.Tensor, m: CenteredMoments) -> torch.Tensor:
+    """SSE (...,) of the fit ŷ = Wᵀx + b over the scored samples, from their centred moments (the expansion above)."""
     offset = m.mean_y - intercept - (m.mean_x.unsqueeze(-2) @ weights).squeeze(-2)
     quadratic = ((m.cxx @ weights) * weights).sum((-2, -1))
     sse = m.sst.sum(-1) - 2.0 * (weights * m.cxy).sum((-2, -1)) + quadratic + m.count * offset.square().sum(-1)
@@ -121,7 +120,7 @@ def fitted_sse(weights: torch.Tensor, intercept: torch.Tensor, scored: Regressio
 def heldout_sse_at(train: RegressionSums, test: RegressionSums, multiplier: float) -> torch.Tensor:
     """Test SSE (...,) of the one ridge fit on `train` with α = multiplier · tr(Cxx)/p (a Cholesky solve:
     cheaper than `heldout_sse`'s eigendecomposition when only the chosen multiplier is scored)."""
-    return fitted_sse(*ridge_weights(train, multiplier), test)
+    return fitted_sse(*ridge_weights(train, multiplier), centered(test))
 
 
 def heldout_sse(train: RegressionSums, test: RegressionSums, multipliers: Sequence[float]) -> torch.Tensor:
@@ -181,14 +180,7 @@ def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int
     """
     tr, te = centered(train), centered(test)
     s = split
-    c11, c12, c22 = tr.cxx[..., :s, :s], tr.cxx[..., :s, s:], tr.cxx[..., s:, s:]
-    alpha1 = first_multiplier * _mean_variance(c11)
-    eye = torch.eye(s, dtype=c11.dtype, device=c11.device)
-    solved = spd_solve(c11 + alpha1[..., None, None] * eye, torch.cat([tr.cxy[..., :s, :], c12], -1))
-    w_self, partial = solved[..., :tr.cxy.shape[-1]], solved[..., tr.cxy.shape[-1]:]  # W_s (.., p₁, q), P
-    schur = c22 - c12.transpose(-2, -1) @ partial
-    schur = 0.5 * (schur + schur.transpose(-2, -1))
-    residual_cov = tr.cxy[..., s:, :] - c12.transpose(-2, -1) @ w_self  # C₂y − C₂₁W_s (.., p₂, q)
+    w_self, partial, schur, residual_cov = _eliminate_first_block(tr, split, first_multiplier)
     evals, evecs = torch.linalg.eigh(schur)
     evals = evals.clamp_min(0.0)
     scale = _mean_variance(schur).unsqueeze(-1)
@@ -210,24 +202,38 @@ def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int
     return torch.stack(out, dim=-1)
 
 
+def _first_block_penalised(m: CenteredMoments, split: int, first_multiplier: float) -> torch.Tensor:
+    """A = C₁₁ + α₁I with α₁ = first_multiplier · tr(C₁₁)/p₁."""
+    c11 = m.cxx[..., :split, :split]
+    alpha1 = first_multiplier * _mean_variance(c11)
+    return c11 + alpha1[..., None, None] * torch.eye(split, dtype=c11.dtype, device=c11.device)
+
+
+def _eliminate_first_block(m: CenteredMoments, split: int, first_multiplier: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W_s = A⁻¹C₁y (..., p₁, q), P = A⁻¹C₁₂ (..., p₁, p₂), S = C₂₂ − C₂₁P symmetrised and C₂y − C₂₁W_s
+    (..., p₂, q): the first block ridge-partialled out (`two_block_sse_change`'s docstring)."""
+    s, outputs = split, m.cxy.shape[-1]
+    c12 = m.cxx[..., :s, s:]
+    solved = spd_solve(_first_block_penalised(m, s, first_multiplier), torch.cat([m.cxy[..., :s, :], c12], -1))
+    w_self, partial = solved[..., :outputs], solved[..., outputs:]
+    schur = m.cxx[..., s:, s:] - c12.transpose(-2, -1) @ partial
+    schur = 0.5 * (schur + schur.transpose(-2, -1))
+    return w_self, partial, schur, m.cxy[..., s:, :] - c12.transpose(-2, -1) @ w_self
+
+
 def _two_block_solutions(m: CenteredMoments, split: int, first_multiplier: float,
                          second_multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
     """W (..., p, q) of the first block's ridge alone ([W_s ; 0]) and of the two-block fit, by eliminating W₁:
     W₂ = (S + α₂I)⁻¹(C₂y − C₂₁W_s), W₁ = W_s − P W₂ (one p₁×p₁ and one p₂×p₂ factorisation)."""
-    s, outputs = split, m.cxy.shape[-1]
-    c11, c12 = m.cxx[..., :s, :s], m.cxx[..., :s, s:]
-    alpha1 = first_multiplier * _mean_variance(c11)
-    first = c11 + alpha1[..., None, None] * torch.eye(s, dtype=c11.dtype, device=c11.device)
     if second_multiplier == float("inf"):
-        alone = torch.cat([spd_solve(first, m.cxy[..., :s, :]), torch.zeros_like(m.cxy[..., s:, :])], -2)
+        w_self = spd_solve(_first_block_penalised(m, split, first_multiplier), m.cxy[..., :split, :])
+        alone = torch.cat([w_self, torch.zeros_like(m.cxy[..., split:, :])], -2)
         return alone, alone
-    solved = spd_solve(first, torch.cat([m.cxy[..., :s, :], c12], -1))
-    w_self, partial = solved[..., :outputs], solved[..., outputs:]
-    schur = m.cxx[..., s:, s:] - c12.transpose(-2, -1) @ partial
-    schur = 0.5 * (schur + schur.transpose(-2, -1))
+    w_self, partial, schur, residual_cov = _eliminate_first_block(m, split, first_multiplier)
     alpha2 = second_multiplier * _mean_variance(schur)
     eye2 = torch.eye(schur.shape[-1], dtype=schur.dtype, device=schur.device)
-    w_context = spd_solve(schur + alpha2[..., None, None] * eye2, m.cxy[..., s:, :] - c12.transpose(-2, -1) @ w_self)
+    w_context = spd_solve(schur + alpha2[..., None, None] * eye2, residual_cov)
     return (torch.cat([w_self, torch.zeros_like(w_context)], -2),
             torch.cat([w_self - partial @ w_context, w_context], -2))
 
