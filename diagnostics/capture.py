@@ -7,10 +7,11 @@ Stages, in order (science.md notation):
     norm       final norm                                               (B, P+N, D)
 P = model.num_prefix_tokens (CLS and registers come first), N = patches.
 
-The model is run through its own modules in eval mode and is not modified. Attention
-probabilities, which timm's fused attention never forms, are recomputed from each block's
-qkv projection on its norm1 input (`softmax(q k^T * scale)`, with q/k norms applied), so the
-block itself still runs its fused kernel.
+The model is run through its own modules in eval mode and is not modified. When attention is
+asked for, each block runs timm's explicit attention path instead of the fused kernel (its own
+`fused_attn = False` branch, for the duration of that block's call: the same values to float
+rounding), and the post-softmax probabilities are read where that path hands them to `attn_drop`
+(the identity in eval mode): formed once, by the block itself, rather than recomputed beside it.
 """
 
 from __future__ import annotations
@@ -46,26 +47,38 @@ def stage_names(model: nn.Module) -> list[str]:
     return [EMBED, PE, *(block_stage(i) for i in range(len(model.blocks))), NORM]
 
 
+def pe_is_embed_plus_fixed_vectors(model: nn.Module) -> bool:
+    """Whether stage `pe`'s patch tokens are stage `embed`'s plus one fixed vector per position: timm's own
+    `_pos_embed` (pos_embed added, or none; its dropout is the identity in eval mode, where stages are taken)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = unwrap_model(model)
+    return isinstance(model, VisionTransformer) and getattr(model._pos_embed, "__func__", None) is VisionTransformer._pos_embed
+
+
 def patch_tokens(tokens: torch.Tensor, stage: str, num_prefix_tokens: int) -> torch.Tensor:
     """The N patch tokens of a stage (the `embed` stage has no prefix tokens)."""
     return tokens if stage == EMBED else tokens[:, num_prefix_tokens:]
 
 
-def attention_probabilities(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Post-softmax attention (B, H, T, T) of a timm `Attention` module on its input x (B, T, D)."""
-    for name in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm"):
-        if not hasattr(attn, name):
-            raise TypeError(f"{type(attn).__name__} is not a timm Attention (no `{name}`)")
-    B, T, _ = x.shape
-    inner = attn.num_heads * attn.head_dim
-    if type(attn.qkv) is nn.Linear:  # only q and k: the first two thirds of qkv's output rows
-        bias = None if attn.qkv.bias is None else attn.qkv.bias[:2 * inner]
-        qk = nn.functional.linear(x, attn.qkv.weight[:2 * inner], bias)
-    else:
-        qk = attn.qkv(x)[..., :2 * inner]
-    qk = qk.reshape(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qk[0]), attn.k_norm(qk[1])
-    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+def block_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm block's output on x (B, T, D) and its post-softmax attention (B, H, T, T) float32, from
+    timm's explicit attention path (the input of `attn_drop`); the module's `fused_attn` is restored after."""
+    attn = getattr(block, "attn", None)
+    if not (hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), nn.Module)):
+        raise TypeError(f"{type(attn).__name__} is not a timm Attention (no `fused_attn` and `attn_drop`)")
+    captured: list[torch.Tensor] = []
+    handle = attn.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        x = block(x)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+    if len(captured) != 1:
+        raise TypeError(f"{type(attn).__name__} passed {len(captured)} tensors through attn_drop in one call, "
+                        "not its attention probabilities once")
+    return x, captured[0].float()
 
 
 @dataclass
@@ -93,8 +106,11 @@ def iterate_stages(model: nn.Module, images: torch.Tensor, attention: bool = Fal
         yield Stage(PE, x)
         x = model.norm_pre(model.patch_drop(x))
         for index, block in enumerate(model.blocks):
-            probs = attention_probabilities(block.attn, block.norm1(x)) if attention else None
-            x = block(x)
+            probs = None
+            if attention:
+                x, probs = block_with_attention(block, x)
+            else:
+                x = block(x)
             yield Stage(block_stage(index), x, probs)
         yield Stage(NORM, model.norm(x))
 

@@ -37,12 +37,17 @@ sums into buckets of at most 1 GiB, or one larger sum alone, and frees each befo
 its range or power pass holds at most 8·(2·p·k + p) (`isi_sketch_bytes`), and Ω (8·p·k) is held
 once. Not counted: the model and its activations, and per-batch temporaries (one N·D² float64
 product, 0.92 GB for ViT-B). ViT-B/16 (N = 196, D = 768, r = 256, k = 272): 7.86 GB per stage
-(the self-only sums alone 5.56 GB), 118 GB for all 15 stages (embed … norm) at once. `memory_budget_bytes`
-therefore splits the stages into consecutive groups and pipelines them (group g+1 sketches while
-group g regresses): each stage is budgeted at its regression bytes plus one sketch for every
-range/power phase (9.17 GB for ViT-B), so 32 GiB gives 3 stages per group, 5 groups, and
+(the self-only sums alone 5.56 GB), 110 GB for its 14 fitted stages (embed … norm but pe, below) at once.
+`memory_budget_bytes` therefore splits the stages into consecutive groups and pipelines them (group g+1 sketches
+while group g regresses): each stage is budgeted at its regression bytes plus one sketch for every
+range/power phase (9.17 GB for ViT-B), so 32 GiB gives at most 3 stages per group, 5 groups, and
 G_s groups cost G_s + 1 + pca_power_iterations passes (7 here, on one process or on eight). The number of probe images
 does not enter (except for `literal`).
+
+Stage `pe` is `embed` plus one fixed vector per position (timm's `_pos_embed`; its dropout is the identity
+in eval mode). Every regression here centres its inputs (unpenalised intercept, penalty from the centred
+covariance) and the PCA of vec(H) is centred too, so both stages give the same fits exactly: when both are
+measured, `pe`'s results are `embed`'s, copied (`copied_stages`), not fitted again.
 """
 
 from __future__ import annotations
@@ -55,7 +60,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from diagnostics.capture import EMBED, Stage, patch_tokens, stage_names, unwrap_model
+from diagnostics.capture import (
+    EMBED,
+    PE,
+    Stage,
+    patch_tokens,
+    pe_is_embed_plus_fixed_vectors,
+    stage_names,
+    unwrap_model,
+)
 from diagnostics.distributed import world_size
 from diagnostics.image_split import GROUP_NAMES, TEST, image_keys, split_groups
 from diagnostics.isi_literal import HeldFeatures, literal_all_r2
@@ -165,6 +178,8 @@ class ScramblingIndex(StreamingMetric):
         unknown = sorted(set(chosen) - set(known))
         if unknown:
             raise ValueError(f"isi stages {unknown} are not stages of this model ({', '.join(known)})")
+        self.copied_stages = {PE: EMBED} if {PE, EMBED} <= set(chosen) and pe_is_embed_plus_fixed_vectors(model) else {}
+        fitted = [stage for stage in chosen if stage not in self.copied_stages]
         self.variant, self.seed, self.ridge_grid = variant, seed, tuple(float(c) for c in ridge_grid)
         self.holdout_fraction, self.validation_fraction = holdout_fraction, validation_fraction
         self.pca_rank, self.nested_fit = pca_rank, nested_fit
@@ -181,7 +196,7 @@ class ScramblingIndex(StreamingMetric):
                                         pca_oversample=pca_oversample)
         omega_bytes = 8 * self.num_patches * self.dim * self.sketch_width if sketches else 0
         self.stage_groups = plan_stage_groups(
-            chosen, self.stage_bytes + sketches * sketch_bytes,
+            fitted, self.stage_bytes + sketches * sketch_bytes,
             None if memory_budget_bytes is None else memory_budget_bytes - omega_bytes - reduce_bytes)
         self._group_of = {stage: i for i, group in enumerate(self.stage_groups) for stage in group}
         self.num_passes = len(self.stage_groups) + len(self.phases) - 1
@@ -253,7 +268,8 @@ class ScramblingIndex(StreamingMetric):
                                f"{self._pass + 1}; run it with diagnostics.streaming.run_probe")
         if self._finished_passes < self.num_passes:
             self._finish_pass(self.num_passes - 1)
-        return {stage: self._results[stage] for stage in ordered_stages(self._results)}
+        results = {**self._results, **{copy: dict(self._results[source]) for copy, source in self.copied_stages.items()}}
+        return {stage: results[stage] for stage in ordered_stages(results)}
 
     # ----- streaming ----------------------------------------------------------------------
     def update(self, stage: Stage, batch: ProbeBatch) -> None:

@@ -141,15 +141,22 @@ def heldout_sse(train: RegressionSums, test: RegressionSums, multipliers: Sequen
     linear = (fit_xy * (evecs_t @ te.cxy)).sum(-1)  # (..., p)
     shift_x = (evecs_t @ (te.mean_x - tr.mean_x).unsqueeze(-1)).squeeze(-1)  # (..., p)
     shift_y = te.mean_y - tr.mean_y  # (..., q)
-    sst = te.sst.sum(-1)
-    out = []
-    for multiplier in multipliers:
-        d = 1.0 / (evals + multiplier * scale)
-        offset = shift_y - ((d * shift_x).unsqueeze(-2) @ fit_xy).squeeze(-2)
-        quad = ((d.unsqueeze(-2) @ quadratic) @ d.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        sse = sst - 2.0 * (d * linear).sum(-1) + quad + te.count * offset.square().sum(-1)
-        out.append(sse.clamp_min(0.0))
-    return torch.stack(out, dim=-1)
+    d = _grid_reciprocals(evals, scale, multipliers)  # (..., G, p)
+    offset = shift_y.unsqueeze(-2) - (d * shift_x.unsqueeze(-2)) @ fit_xy  # (..., G, q)
+    sse = (te.sst.sum(-1, keepdim=True) - 2.0 * (d * linear.unsqueeze(-2)).sum(-1) + _quadratic_forms(d, quadratic)
+           + te.count * offset.square().sum(-1))
+    return sse.clamp_min(0.0)
+
+
+def _grid_reciprocals(evals: torch.Tensor, scale: torch.Tensor, multipliers: Sequence[float]) -> torch.Tensor:
+    """d = 1/(s + c·scale) (..., G, p) for every multiplier c at once (0 for an infinite one); scale (..., 1)."""
+    grid = torch.tensor(multipliers, dtype=evals.dtype, device=evals.device).unsqueeze(-1)  # (G, 1)
+    return 1.0 / (evals.unsqueeze(-2) + grid * scale.unsqueeze(-1))
+
+
+def _quadratic_forms(d: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """dᵀ M d (..., G) for each of the G rows of d (..., G, p)."""
+    return ((d @ matrix) * d).sum(-1)
 
 
 def _mean_variance(cxx: torch.Tensor) -> torch.Tensor:
@@ -194,12 +201,8 @@ def two_block_sse_change(train: RegressionSums, test: RegressionSums, split: int
     quadratic = (k_t @ te.cxx @ k_matrix + te.count * k_delta.unsqueeze(-1) * k_delta.unsqueeze(-2)) * outer
     linear = (rotated * (k_t @ (te.cxy - te.cxx[..., :s] @ w_self))).sum(-1)  # C′xx[W_s ; 0]
     linear = linear + te.count * k_delta * (rotated @ base_offset.unsqueeze(-1)).squeeze(-1)
-    out = []
-    for multiplier in multipliers:
-        d = 1.0 / (evals + multiplier * scale)  # 0 for an infinite multiplier
-        quad = ((d.unsqueeze(-2) @ quadratic) @ d.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-        out.append(quad - 2.0 * (d * linear).sum(-1))
-    return torch.stack(out, dim=-1)
+    d = _grid_reciprocals(evals, scale, multipliers)
+    return _quadratic_forms(d, quadratic) - 2.0 * (d * linear.unsqueeze(-2)).sum(-1)
 
 
 def _first_block_penalised(m: CenteredMoments, split: int, first_multiplier: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Attention hub metrics against explicit loops, the non-fused timm attention, and invariants."""
+"""Attention hub metrics against explicit loops, attention recomputed from qkv, and invariants."""
 
 from __future__ import annotations
 
@@ -94,41 +94,49 @@ def test_bad_shapes_are_rejected():
         mean_attention_distance(random_attention(1, 1, 10), 1, (2, 3))
 
 
-# ---- the attention the metrics see is timm's own (non-fused path) ------------------------------------
+# ---- the attention the metrics see: softmax(q kᵀ · scale) of each block, q/k norms applied ---------------
 
-def non_fused_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Post-softmax attention of every block, taken from timm's explicit path (input of attn_drop)."""
-    probabilities, handles = [], []
-    for block in model.blocks:
-        block.attn.fused_attn = False
-        handles.append(block.attn.attn_drop.register_forward_hook(
-            lambda module, inputs, output: probabilities.append(inputs[0].detach())))
-    try:
-        with torch.no_grad():
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
+def recomputed_attention(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Post-softmax attention of every block, recomputed from its qkv on its norm1 input (fused forward)."""
+    probabilities = []
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
         for block in model.blocks:
-            block.attn.fused_attn = True
+            attn, h = block.attn, block.norm1(x)
+            qkv = attn.qkv(h).reshape(*h.shape[:2], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+            probabilities.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            x = block(x)
     return probabilities
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"reg_tokens": 2, "qk_norm": True}])
-def test_recomputed_attention_equals_timm_non_fused_attention(kwargs):
+def test_captured_attention_equals_attention_recomputed_from_qkv(kwargs):
     model, images = tiny_vit(**kwargs), probe_images(3)
     with torch.no_grad():  # random-init attention is nearly uniform; sharpen it so the check has teeth
         for block in model.blocks:
             block.attn.qkv.weight.mul_(8.0)
             if isinstance(block.attn.q_norm, torch.nn.LayerNorm):  # qk_norm undoes the qkv scale
                 block.attn.q_norm.weight.mul_(8.0)
-    reference = non_fused_attention(model, images)
-    recomputed = [stage.attention for stage in iterate_stages(model, images, attention=True)
-                  if stage.attention is not None]
-    assert len(recomputed) == len(reference) == 4
-    for got, expected in zip(recomputed, reference):
+    reference, fused = recomputed_attention(model, images), [block.attn.fused_attn for block in model.blocks]
+    stages = list(iterate_stages(model, images, attention=True))
+    captured = [stage.attention for stage in stages if stage.attention is not None]
+    assert len(captured) == len(reference) == 4
+    for got, expected in zip(captured, reference):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert max(a.max().item() for a in reference) > 0.3
+    # the explicit path is timm's own: the stages equal the model's forward to float rounding, and each
+    # module's fused_attn is as it was
+    with torch.no_grad():
+        torch.testing.assert_close(stages[-1].tokens, model.forward_features(images), rtol=1e-4, atol=1e-5)
+    assert [block.attn.fused_attn for block in model.blocks] == fused
+
+
+def test_attention_capture_refuses_a_module_without_timms_explicit_path():
+    model = tiny_vit()
+    del model.blocks[0].attn.attn_drop
+    with pytest.raises(TypeError, match="is not a timm Attention"):
+        list(iterate_stages(model, probe_images(1), attention=True))
 
 
 # ---- invariants -------------------------------------------------------------------------------------

@@ -343,12 +343,41 @@ def test_streaming_batches_and_stage_groups_equal_one_shot():
         16, 8, pca_rank=4, pca_oversample=4)
     omega = 8 * 128 * 8
     grouped_metric = ScramblingIndex(model, memory_budget_bytes=2 * per_stage + omega, **options)
-    assert [len(group) for group in grouped_metric.stage_groups] == [2, 2, 1]
-    assert grouped_metric.num_passes == 3 + 3 - 1  # pipelined: group g+1 sketches while g regresses
+    assert grouped_metric.copied_stages == {"pe": "embed"}  # 4 stages fitted of 5
+    assert [len(group) for group in grouped_metric.stage_groups] == [2, 2]
+    assert grouped_metric.num_passes == 2 + 3 - 1  # pipelined: group g+1 sketches while g regresses
     streamed = run_probe(model, list(images.split(23)), [grouped_metric])["isi"]
     assert_results_close(streamed, one_shot, rel=1e-9)
     rerun = run_probe(model, list(images.split(50)), [grouped_metric])["isi"]  # reused at the next checkpoint
     assert_results_close(rerun, one_shot, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::diagnostics.ridge.IllPosedRegressionWarning")  # literal: 114 images, N·D = 128
+@pytest.mark.parametrize("variant", ["nested", "literal"])
+def test_pe_stage_is_copied_from_embed_and_equals_its_own_fit(variant):
+    """pe = embed + a fixed vector per position, which every (centred) regression and the PCA remove."""
+    model, images = tiny_vit(), smooth_images(150)
+    options = dict(variant=variant, pca_rank=4, pca_oversample=4, ridge_grid=GRID)
+    both = ScramblingIndex(model, **options)
+    assert both.copied_stages == {"pe": "embed"} and "pe" not in both._group_of
+    results = run_probe(model, [images], [both])["isi"]
+    assert list(results) == ["embed", "pe", "block_1", "block_2", "norm"]
+    assert results["pe"] == results["embed"]
+    alone = ScramblingIndex(model, stages=["pe"], **options)  # without embed, pe is fitted
+    assert alone.copied_stages == {}
+    fitted = run_probe(model, [images], [alone])["isi"]
+    assert_results_close(fitted, {"pe": results["pe"]}, rel=1e-7)
+    assert fitted["pe"]["r2_self"] > 0.99  # and the comparison has teeth: pe's own tokens are what was fitted
+
+
+def test_a_model_with_its_own_position_embedding_fits_pe():
+    model = tiny_vit()
+    timm_pos_embed = model._pos_embed
+    model._pos_embed = lambda x: timm_pos_embed(x * (1.0 + x.square()))  # pe is no longer embed + fixed vectors
+    metric = ScramblingIndex(model, pca_rank=4, pca_oversample=4, ridge_grid=GRID)
+    assert metric.copied_stages == {} and "pe" in metric._group_of
+    results = run_probe(model, [smooth_images(150)], [metric])["isi"]
+    assert results["pe"]["r2_self"] != results["embed"]["r2_self"]
 
 
 def test_later_passes_replay_the_first_pass_tokens_within_the_budget():
@@ -395,7 +424,8 @@ def test_memory_formula_counts_the_sums_actually_held():
 
 @pytest.mark.parametrize("processes", [1, 8])
 def test_vit_b_plan_is_the_same_on_one_process_and_on_eight(monkeypatch, processes):
-    """The all-reduce adds one 1 GiB bucket, not a second copy of every sum: 15 stages, 5 groups, 7 passes."""
+    """The all-reduce adds one 1 GiB bucket, not a second copy of every sum: 14 stages fitted (pe copied from embed),
+    5 groups, 7 passes."""
     import timm
 
     import diagnostics.isi
@@ -404,8 +434,8 @@ def test_vit_b_plan_is_the_same_on_one_process_and_on_eight(monkeypatch, process
         vit_b = timm.create_model("vit_base_patch16_224")
     metric = ScramblingIndex(vit_b, pca_rank=256, pca_oversample=16, pca_power_iterations=1,
                              memory_budget_bytes=32 * 2**30)
-    assert sum(len(group) for group in metric.stage_groups) == 15
-    assert [len(group) for group in metric.stage_groups] == [3, 3, 3, 3, 3]
+    assert metric.copied_stages == {"pe": "embed"}
+    assert [len(group) for group in metric.stage_groups] == [3, 3, 3, 3, 2]
     assert metric.num_passes == 7
     assert isi_reduce_bytes(196, 768, processes) == (0 if processes == 1 else 2**30)
 

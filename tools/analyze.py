@@ -47,6 +47,7 @@ from models import load_model_file
 from trainer.checkpoint import EMA_FILE, MODEL_FILE, is_complete, latest_checkpoint, read_manifest
 from trainer.cli import exit_on_user_error
 from trainer.data import build_probe_dataset
+from trainer.host_memory import keep_freed_memory_for_reuse
 from trainer.recipe import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 from trainer.run_dir import RunDir
 
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.pretrained and not args.timm_model:
         raise AnalyzeError("--pretrained applies to --timm-model sources")
     output = check_output_folder(args)
+    keep_freed_memory_for_reuse()
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     overrides = [*data_overrides(args.data), *args.overrides]
     sources = ([run_source(run, args, overrides) for run in args.run]

@@ -28,10 +28,11 @@ if __package__ in (None, ""):
 import torch
 
 from diagnostics.capture import stage_names
-from diagnostics.isi import ScramblingIndex, isi_stage_bytes, plan_stage_groups
+from diagnostics.isi import ScramblingIndex, isi_stage_bytes
 from diagnostics.streaming import run_probe
 from models import create_vit
 from trainer.cli import exit_on_user_error
+from trainer.host_memory import keep_freed_memory_for_reuse
 from trainer.recipe import RecipeError
 
 GIB = 2**30
@@ -57,6 +58,7 @@ def peak_rss_bytes() -> int:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    keep_freed_memory_for_reuse()  # as the trainer does
     device = torch.device(args.device)
     torch.manual_seed(0)
     sizes = {"depth": args.depth} if args.depth else {}
@@ -69,13 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     stage_bytes = isi_stage_bytes(num_patches, dim, pca_rank=args.pca_rank)
     budget = None if args.budget_gb is None else int(args.budget_gb * GIB)
     try:
-        groups = plan_stage_groups(stages, stage_bytes, budget)
+        isi = ScramblingIndex(model, pca_rank=args.pca_rank, memory_budget_bytes=budget)
     except ValueError as error:
         raise RecipeError(f"--budget-gb {args.budget_gb}: {error}") from None
+    groups = isi.stage_groups
+    copied = ", ".join(f"{stage} = {source}" for stage, source in isi.copied_stages.items())
     print(f"{args.model} at {args.img_size} px (N = {num_patches} patches, D = {dim}), {args.images} random images, "
           f"batch {args.batch_size}, r = {args.pca_rank}, device {device}")
-    print(f"plan: {isi_stage_bytes(num_patches, dim, pca_rank=args.pca_rank) / GIB:.3f} GiB per stage, "
-          f"{len(stages)} stages in {len(groups)} group(s) of <= {max(map(len, groups))}")
+    print(f"plan: {stage_bytes / GIB:.3f} GiB per stage, {sum(map(len, groups))} of {len(stages)} stages fitted "
+          f"in {len(groups)} group(s) of <= {max(map(len, groups))}" + (f" ({copied}, copied)" if copied else ""))
 
     with torch.no_grad():
         start = time.perf_counter()
@@ -90,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
         before = torch.cuda.memory_allocated()
     else:
         before = peak_rss_bytes()
-    isi = ScramblingIndex(model, pca_rank=args.pca_rank, memory_budget_bytes=budget)
     start = time.perf_counter()
     results = run_probe(model, batches, [isi])["isi"]
     if device.type == "cuda":

@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 
 from trainer.accelerator import build_accelerator
 from trainer.cli import exit_on_user_error
+from trainer.host_memory import keep_freed_memory_for_reuse
 from trainer.loop import UpdateStep, build_criterion
 from trainer.optim import ParameterEma, build_optimizer, build_scheduler
 from trainer.recipe import load_recipe
@@ -132,6 +133,7 @@ def peak_tflops_of(device_name: str) -> float | None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    keep_freed_memory_for_reuse()  # as the trainer does, for both loops alike
     preset = args.preset or ("vit_b" if torch.cuda.is_available() else "tiny")
     recipe_path, preset_overrides = (Path(args.recipe), []) if args.recipe else PRESETS[preset]
     recipe = load_recipe(recipe_path, [*BENCH_OVERRIDES, *preset_overrides, *args.overrides])

@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         raise RecipeError(f"eval.pe_scale = {recipe.eval.pe_scale}: a scaled position embedding is an "
                           "evaluation-only experiment; add --eval-only (training evaluates at 1.0)")
     from trainer.checkpoint import DiskFullError
+    from trainer.host_memory import keep_freed_memory_for_reuse
     from trainer.loop import NonFiniteLossError, train
+
+    keep_freed_memory_for_reuse()
 
     try:
         result = train(recipe, run_dir, resume=args.resume)
