@@ -7,7 +7,7 @@ Stages, in order (science.md notation):
     norm       final norm                                               (B, P+N, D)
 P = model.num_prefix_tokens (CLS and registers come first), N = patches.
 
-The model is run through its own modules in eval mode and is not modified. When attention is
+The model is run through its own modules in eval mode and is left as it was. When attention is
 asked for, each block runs timm's explicit attention path instead of the fused kernel (its own
 `fused_attn = False` branch, for the duration of that block's call: the same values to float
 rounding), and the post-softmax probabilities are read where that path hands them to `attn_drop`
