@@ -161,7 +161,7 @@ def stage_regression_scores(sums: dict[str, torch.Tensor], *, nested: bool, pca_
         c_all = result["ridge_multiplier_all"] = float(grid[int(torch.argmin(all_val))])
         all_test = pooled(rotation, [fit, val], test, lambda train, scored: heldout_sse_at(train, scored, c_all))
     else:
-        result["ridge_multiplier_all"] = c_self  # ∞: the self-only fit itself, so ISI is exactly 0
+        result["ridge_multiplier_all"] = c_self  # h keeps c_self; g has c_residual (∞: the self-only fit, ISI = 0)
     result["r2_all"] = r2(all_test)
     return result
 

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 import torch
 
 from diagnostics.capture import stage_names
-from diagnostics.isi import ScramblingIndex, isi_stage_bytes
+from diagnostics.isi import ScramblingIndex
 from diagnostics.streaming import run_probe
 from models import create_vit
 from trainer.cli import exit_on_user_error
@@ -68,13 +68,12 @@ def main(argv: list[str] | None = None) -> None:
                for start, chunk in zip(range(0, args.images, args.batch_size), images.split(args.batch_size))]
     num_patches, dim = model.patch_embed.num_patches, model.embed_dim
     stages = stage_names(model)
-    stage_bytes = isi_stage_bytes(num_patches, dim, pca_rank=args.pca_rank)
     budget = None if args.budget_gb is None else int(args.budget_gb * GIB)
     try:
         isi = ScramblingIndex(model, pca_rank=args.pca_rank, memory_budget_bytes=budget)
     except ValueError as error:
         raise RecipeError(f"--budget-gb {args.budget_gb}: {error}") from None
-    groups = isi.stage_groups
+    groups, stage_bytes = isi.stage_groups, isi.stage_bytes
     copied = ", ".join(f"{stage} = {source}" for stage, source in isi.copied_stages.items())
     print(f"{args.model} at {args.img_size} px (N = {num_patches} patches, D = {dim}), {args.images} random images, "
           f"batch {args.batch_size}, r = {args.pca_rank}, device {device}")
