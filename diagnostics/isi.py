@@ -107,15 +107,18 @@ def isi_sketch_bytes(num_patches: int, dim: int, *, pca_rank: int = 256, pca_ove
     return 8 * (2 * p * min(pca_rank + pca_oversample, p) + p)
 
 
-def plan_stage_groups(stages: Sequence[str], stage_bytes: int, budget_bytes: int | None) -> list[list[str]]:
-    """Consecutive stage groups of at most budget // stage_bytes stages (all in one when no budget)."""
+def plan_stage_groups(stages: Sequence[str], stage_bytes: int, budget_bytes: int | None,
+                      reserved_bytes: int = 0) -> list[list[str]]:
+    """Consecutive stage groups of at most (budget − reserved) // stage_bytes stages (all in one when no budget);
+    `reserved_bytes` is held once whatever the grouping (ISI's Ω and all-reduce bucket)."""
     stages = list(stages)
     if budget_bytes is None:
         return [stages]
-    per_group = budget_bytes // stage_bytes
+    per_group = (budget_bytes - reserved_bytes) // stage_bytes
     if per_group < 1:
-        raise ValueError(f"ISI memory budget {budget_bytes / 2**30:.2f} GiB is below one stage's "
-                         f"{stage_bytes / 2**30:.2f} GiB")
+        reserved = f" less the {reserved_bytes / 2**30:.3g} GiB held once" if reserved_bytes else ""
+        raise ValueError(f"ISI memory budget {budget_bytes / 2**30:.3g} GiB{reserved} is below one stage's "
+                         f"{stage_bytes / 2**30:.3g} GiB")
     return [stages[i:i + per_group] for i in range(0, len(stages), per_group)]
 
 
@@ -195,9 +198,8 @@ class ScramblingIndex(StreamingMetric):
         sketch_bytes = isi_sketch_bytes(self.num_patches, self.dim, pca_rank=pca_rank,
                                         pca_oversample=pca_oversample)
         omega_bytes = 8 * self.num_patches * self.dim * self.sketch_width if sketches else 0
-        self.stage_groups = plan_stage_groups(
-            fitted, self.stage_bytes + sketches * sketch_bytes,
-            None if memory_budget_bytes is None else memory_budget_bytes - omega_bytes - reduce_bytes)
+        self.stage_groups = plan_stage_groups(fitted, self.stage_bytes + sketches * sketch_bytes, memory_budget_bytes,
+                                              reserved_bytes=omega_bytes + reduce_bytes)
         self._group_of = {stage: i for i, group in enumerate(self.stage_groups) for stage in group}
         self.num_passes = len(self.stage_groups) + len(self.phases) - 1
         super().__init__()
